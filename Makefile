@@ -1,0 +1,36 @@
+# Ferry's two commands: `make run` (the service) and `make test` (the suite). See README.md.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test kafka-start kafka-stop kafka-status clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Ferry needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m deploy.run_local
+
+# Fetching the jars before pytest keeps the suite's timeouts about tests, not downloads.
+test: install
+	$(PY) -m deploy.kafka fetch
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+kafka-start: install
+	$(PY) -m deploy.kafka start
+
+kafka-stop: install
+	$(PY) -m deploy.kafka stop
+
+kafka-status: install
+	$(PY) -m deploy.kafka status
+
+clean: kafka-stop
+	rm -rf $(VENV) .local

@@ -1,0 +1,1 @@
+"""Ferry's HTTP API (aiohttp): validates submits, publishes them to Kafka, answers polls."""

@@ -1,0 +1,27 @@
+"""The Faust app: one factory, so the worker, the tests and the tools configure it alike."""
+
+from __future__ import annotations
+
+import faust
+
+from app.settings import Settings
+
+
+def broker_urls(bootstrap_servers: str) -> list[str]:
+    """``host:port,host:port`` in the form Faust takes (``kafka://host:port`` each)."""
+    return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+
+
+def create_app(settings: Settings, **overrides) -> faust.App:
+    """A Faust app for ``settings``; ``overrides`` are passed to ``faust.App`` (tests use it)."""
+    options = dict(
+        broker=broker_urls(settings.require_bootstrap_servers()),
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        web_port=settings.worker_web_port,
+        web_bind="0.0.0.0",
+        autodiscover=False,
+    )
+    options.update(overrides)
+    return faust.App(settings.app_id, **options)

@@ -1,0 +1,1 @@
+"""Deployment helpers: the local Kafka broker, the local process supervisor, image and manifests."""

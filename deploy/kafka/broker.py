@@ -1,0 +1,302 @@
+"""A real single-node Apache Kafka broker (KRaft) on loopback, for development, tests and CI.
+
+The broker is Apache Kafka's own jars from Maven Central, fetched once with Maven into
+``.local/kafka/libs`` (the pom beside this file pins the version) and reused afterwards. One node
+plays both KRaft roles, broker and controller. State lives under ``<home>``:
+
+    libs/             the jar cache, shared by all homes (a marker records a complete download)
+    data/             KRaft metadata and topic logs (formatted once, kept across restarts)
+    logs/server.log   the broker's own log
+    server.properties generated on every start from the port settings
+    broker.pid        the running broker's pid
+
+``start()`` is idempotent: a live broker that this home started is reused, and a crashed one's
+leftovers (a stale pid file, a half-formatted data dir) don't block the next start.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent.parent
+DEFAULT_HOME = REPO_ROOT / ".local" / "kafka"
+DEFAULT_PORT = 19092
+STARTED_MARKER = "Kafka Server started"
+
+
+class BrokerError(RuntimeError):
+    """The local broker could not be fetched, started or stopped."""
+
+
+def _kafka_version() -> str:
+    pom = (HERE / "pom.xml").read_text()
+    start = pom.index("<kafka.version>") + len("<kafka.version>")
+    return pom[start : pom.index("</kafka.version>")]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); /proc tells it apart from a live process.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _kafka_uuid() -> str:
+    """A cluster id in Kafka's own form: 16 random bytes, URL-safe base64, no padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+@dataclass
+class LocalKafka:
+    """One local broker, identified by its home directory and port."""
+
+    home: Path = DEFAULT_HOME
+    port: int = DEFAULT_PORT
+    controller_port: int | None = None
+    heap: str = "1g"
+    # Shared by every home on the machine, so a second broker (tests start one) downloads nothing.
+    jar_cache: Path = DEFAULT_HOME / "libs"
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home)
+        self.jar_cache = Path(self.jar_cache)
+        if self.controller_port is None:
+            self.controller_port = self.port + 1
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def libs(self) -> Path:
+        return self.jar_cache
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def properties_file(self) -> Path:
+        return self.home / "server.properties"
+
+    # -- jars ---------------------------------------------------------------------------
+
+    def ensure_jars(self) -> None:
+        """Fetch the broker jars with Maven, unless a complete download is already cached."""
+        version = _kafka_version()
+        marker = self.libs / f".complete-{version}"
+        if marker.exists():
+            return
+        if shutil.which("mvn") is None:
+            raise BrokerError("Maven (mvn) is needed to fetch the Kafka jars; install it")
+        staging = self.libs.with_name(self.libs.name + ".partial")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        cmd = [
+            "mvn", "-q", "-B", "-f", str(HERE / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BrokerError(f"fetching Kafka {version} jars failed:\n{result.stdout}{result.stderr}")
+        # Swap in whole, so an interrupted download never looks complete.
+        shutil.rmtree(self.libs, ignore_errors=True)
+        staging.rename(self.libs)
+        (self.libs / f".complete-{version}").touch()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def running_pid(self) -> int | None:
+        """The pid of this home's live broker, or None (clearing a stale pid file)."""
+        pid = self._read_pid()
+        if pid is None:
+            return None
+        if _pid_alive(pid) and str(self.properties_file) in _cmdline(pid):
+            return pid
+        self.pid_file.unlink(missing_ok=True)
+        return None
+
+    def _write_properties(self) -> None:
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            # Topics are declared by the app, with their own partition counts and policies.
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            # A single node: every internal topic has one replica.
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # Consumers join at once instead of waiting 3 s for more members.
+            "group.initial.rebalance.delay.ms": "0",
+            # Compaction and tombstone removal are visible within seconds, not hours.
+            "log.cleaner.backoff.ms": "1000",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+        }
+        text = "".join(f"{key}={value}\n" for key, value in settings.items())
+        self.properties_file.write_text(text)
+
+    def _format_storage(self) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        # A data dir without meta.properties is a format that never finished: start over.
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        cmd = [
+            "java", "-cp", f"{self.libs}/*", f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.log_dir}",
+            "kafka.tools.StorageTool", "format",
+            "-t", _kafka_uuid(), "-c", str(self.properties_file),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the broker unless it already runs; return its bootstrap address once it serves."""
+        if self.running_pid() is not None:
+            self._wait_ready(timeout)
+            return self.bootstrap_servers
+        if _port_open(self.port) or _port_open(self.controller_port):
+            raise BrokerError(
+                f"port {self.port} or {self.controller_port} is taken by a process this broker "
+                f"home ({self.home}) did not start; stop it or choose another port"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        self.ensure_jars()
+        self._write_properties()
+        self._format_storage()
+        log_offset = self._server_log().stat().st_size if self._server_log().exists() else 0
+        cmd = [
+            "java", "-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.log_dir}",
+            "-cp", f"{self.libs}/*", "kafka.Kafka", str(self.properties_file),
+        ]
+        with open(self.log_dir / "stdout.log", "ab") as out:
+            # A session of its own: the broker outlives the command that started it, and
+            # Ctrl-C in a terminal reaches it only through stop().
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.home, start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        self._wait_ready(timeout, proc=proc, log_offset=log_offset)
+        return self.bootstrap_servers
+
+    def _server_log(self) -> Path:
+        return self.log_dir / "server.log"
+
+    def _wait_ready(self, timeout: float, proc: subprocess.Popen | None = None, log_offset: int = 0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise BrokerError(f"the broker exited with {proc.returncode}; see {self.log_dir}")
+            if self._started_since(log_offset) and _port_open(self.port):
+                return
+            time.sleep(0.2)
+        raise BrokerError(f"the broker did not start within {timeout:.0f} s; see {self.log_dir}")
+
+    def _started_since(self, offset: int) -> bool:
+        try:
+            with open(self._server_log(), "rb") as log:
+                log.seek(offset)
+                return STARTED_MARKER.encode() in log.read()
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker if it runs (SIGTERM, then SIGKILL after ``timeout``); True if it ran."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while _pid_alive(pid):
+                time.sleep(0.05)
+        self._wait_ports_closed()
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def _wait_ports_closed(self, timeout: float = 15.0) -> None:
+        # A multi-threaded JVM's main thread can be a zombie while other threads still hold
+        # its sockets; the broker is gone only when its ports are.
+        deadline = time.monotonic() + timeout
+        while (_port_open(self.port) or _port_open(self.controller_port)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def kill(self) -> bool:
+        """SIGKILL the broker, as a crash would: for tests of recovery from broker loss."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        while _pid_alive(pid):
+            time.sleep(0.05)
+        self._wait_ports_closed()
+        return True

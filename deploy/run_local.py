@@ -1,0 +1,72 @@
+"""Runs Ferry locally in the foreground (`make run`): Kafka, the API and one worker.
+
+Ctrl-C (or SIGTERM) stops the API and the worker, then the local broker if this command
+started it. If either process dies, the others are stopped too and the exit code says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from app.settings import Settings
+from deploy.kafka.locate import locate
+
+log = logging.getLogger("ferry.run")
+
+
+def _stop(processes: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
+    for proc in processes.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for name, proc in processes.items():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", name, timeout)
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = Settings()
+    broker = locate(settings)
+    log.info("Kafka (%s) at %s", broker.source, broker.bootstrap_servers)
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    processes: dict[str, subprocess.Popen] = {}
+    exit_code = 0
+    try:
+        for name, module in (("api", "api"), ("worker", "workers")):
+            # Own process groups: Ctrl-C reaches this supervisor only, which stops them in order.
+            processes[name] = subprocess.Popen([sys.executable, "-m", module], env=env, start_new_session=True)
+        log.info("API on http://%s:%d — Ctrl-C stops everything", settings.api_host, settings.api_port)
+        while not stopping:
+            for name, proc in processes.items():
+                if proc.poll() is not None:
+                    log.error("%s exited with %s; stopping the rest", name, proc.returncode)
+                    exit_code = proc.returncode or 1
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        _stop(processes)
+        broker.release()
+        log.info("stopped")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

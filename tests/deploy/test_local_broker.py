@@ -1,0 +1,76 @@
+"""The local broker script: idempotent start, clean stop, and recovery from a crash's leftovers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka.broker import LocalKafka
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p+1 (the controller) are both free right now."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+    raise RuntimeError("no free port pair")
+
+
+def _broker_processes(properties: Path) -> list[int]:
+    """Pids of java processes running a broker with this properties file."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if state != "Z" and b"kafka.Kafka" in cmdline and str(properties).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path):
+    broker = LocalKafka(home=tmp_path / "kafka", port=_free_port_pair(), heap="512m")
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.timeout(240)
+def test_start_twice_gives_one_broker_and_stop_leaves_nothing(private_broker: LocalKafka) -> None:
+    first = private_broker.start()
+    pid = private_broker.running_pid()
+    second = private_broker.start()
+
+    assert first == second == f"127.0.0.1:{private_broker.port}"
+    assert private_broker.running_pid() == pid
+    assert _broker_processes(private_broker.properties_file) == [pid]
+
+    assert private_broker.stop() is True
+    assert _broker_processes(private_broker.properties_file) == []
+    assert not private_broker.pid_file.exists()
+    assert private_broker.stop() is False  # stopping twice is harmless
+
+
+@pytest.mark.timeout(240)
+def test_start_after_a_crash(private_broker: LocalKafka) -> None:
+    private_broker.start()
+    crashed_pid = private_broker.running_pid()
+    assert private_broker.kill() is True
+    assert private_broker.pid_file.exists()  # the crash left its pid file behind
+
+    private_broker.start()
+    new_pid = private_broker.running_pid()
+    assert new_pid is not None and new_pid != crashed_pid
+    assert _broker_processes(private_broker.properties_file) == [new_pid]
+    os.kill(new_pid, 0)
