@@ -1,20 +1,47 @@
-"""The aiohttp application: routes, and the lifecycle of what the handlers share."""
+"""The aiohttp application: routes, health, and the lifecycle of what the handlers share."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from api.errors import error_middleware
+from api.publisher import JobPublisher
+from api.read_model import JobReadModel
+from api.routes import PUBLISHER, READ_MODEL, SETTINGS, add_job_routes
 from app.settings import Settings
+from app.topics import declare_topics
 
-SETTINGS = web.AppKey("settings", Settings)
 
-
-async def health(request: web.Request) -> web.Response:
+async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Ready when submits can reach Kafka and the view of the jobs table has caught up."""
+    kafka = request.app[PUBLISHER].connected
+    table = request.app[READ_MODEL].caught_up
+    body = {"status": "ok" if kafka and table else "unavailable", "kafka": kafka, "table_caught_up": table}
+    return web.json_response(body, status=200 if kafka and table else 503)
+
+
+async def _lifecycle(api: web.Application):
+    settings = api[SETTINGS]
+    await declare_topics(settings)
+    await api[PUBLISHER].start()
+    await api[READ_MODEL].start()
+    yield
+    await api[READ_MODEL].stop()
+    await api[PUBLISHER].stop()
+
+
 def create_api(settings: Settings) -> web.Application:
-    api = web.Application()
+    api = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
     api[SETTINGS] = settings
-    api.router.add_get("/health", health)
+    api[PUBLISHER] = JobPublisher(settings)
+    api[READ_MODEL] = JobReadModel(settings)
+    api.cleanup_ctx.append(_lifecycle)
+    api.router.add_get("/health", live)
+    api.router.add_get("/health/live", live)
+    api.router.add_get("/health/ready", ready)
+    add_job_routes(api)
     return api

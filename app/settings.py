@@ -8,8 +8,24 @@ start-up and pass it down.
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+import os
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.providers import CATALOGUE, CUSTOM_FAMILY, ProviderEndpoint
+
+
+class ProviderConfig(BaseModel):
+    """One provider's configuration, as given in ``FERRY_PROVIDERS`` (JSON)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    timeout_seconds: float | None = Field(None, gt=0)
+    enabled: bool = True
 
 
 class Settings(BaseSettings):
@@ -37,9 +53,51 @@ class Settings(BaseSettings):
     # -- API ----------------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(8080, description="Port the API listens on.")
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted submit body; larger is 413."
+    )
+    submit_timeout_seconds: float = Field(
+        1.0, gt=0, description="How long a submit waits for Kafka's ack before answering 503."
+    )
+    read_wait_seconds: float = Field(
+        2.0, ge=0, description="How long a poll of an unknown id waits for the API's view of "
+        "the jobs table to catch up before answering 404."
+    )
+    default_result_ttl_seconds: int = Field(3600, ge=1, description="Result TTL by default.")
+    max_result_ttl_seconds: int = Field(
+        7 * 24 * 3600, ge=1, description="Cap on x-bf-async-job-result-ttl."
+    )
 
     # -- Worker ---------------------------------------------------------------------------------
     worker_web_port: int = Field(6066, description="Port of the worker's health endpoint.")
+    worker_max_in_flight: int = Field(
+        2000, ge=1, description="Provider calls one worker process runs at once; more jobs wait in Kafka."
+    )
+    worker_maintenance_interval_seconds: float = Field(
+        2.0, gt=0, description="How often a worker looks for expired jobs and orphaned ones."
+    )
+    http_max_connections: int = Field(4096, ge=1, description="httpx pool size per worker.")
+    http_connect_timeout_seconds: float = Field(10.0, gt=0, description="Provider connect timeout.")
+    provider_timeout_seconds: float = Field(
+        600.0, gt=0, description="Default whole-call timeout of a provider request."
+    )
+
+    # -- Providers --------------------------------------------------------------------------------
+    providers: dict[str, ProviderConfig] = Field(
+        default_factory=dict,
+        description="Per-provider overrides and custom providers, JSON: "
+        '{"vllm": {"base_url": "http://gpu:8000/v1"}, "openai": {"api_key_env": "MY_KEY"}}.',
+    )
+
+    _endpoints: dict[str, ProviderEndpoint] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context) -> None:
+        self._endpoints = _resolve_endpoints(self.providers, self.provider_timeout_seconds)
+
+    @property
+    def provider_endpoints(self) -> dict[str, ProviderEndpoint]:
+        """Every usable provider by name: base URL and key resolved, disabled ones left out."""
+        return self._endpoints
 
     log_level: str = Field("INFO", description="Log level of the API and worker processes.")
 
@@ -51,3 +109,34 @@ class Settings(BaseSettings):
                 "or point it at your brokers (host:port[,host:port...])"
             )
         return self.kafka_bootstrap_servers
+
+
+def _resolve_endpoints(configs: dict[str, ProviderConfig], default_timeout: float) -> dict[str, ProviderEndpoint]:
+    """Merge the catalogue's defaults with the configuration; keep the usable providers.
+
+    A provider is usable when it has a base URL and, if it needs one, a key: from its
+    configuration, or from the environment variable its configuration or the catalogue names.
+    """
+    endpoints: dict[str, ProviderEndpoint] = {}
+    for name in {*CATALOGUE, *configs}:
+        spec = CATALOGUE.get(name)
+        config = configs.get(name, ProviderConfig())
+        if not config.enabled:
+            continue
+        if spec and not spec.needs_key and name not in configs:
+            continue  # a self-hosted server is used only where it is configured
+        base_url = config.base_url or (spec.default_base_url if spec else None)
+        key_env = config.api_key_env or (spec.api_key_env if spec else None)
+        key = config.api_key.get_secret_value() if config.api_key else (os.environ.get(key_env) if key_env else None)
+        needs_key = spec.needs_key if spec else False
+        if not base_url or (needs_key and not key):
+            continue
+        endpoints[name] = ProviderEndpoint(
+            name=name,
+            family=spec.family if spec else CUSTOM_FAMILY,
+            base_url=base_url.rstrip("/"),
+            api_key=key or None,
+            timeout_seconds=config.timeout_seconds or default_timeout,
+            request_types=spec.request_types if spec else CATALOGUE["openai"].request_types,
+        )
+    return endpoints

@@ -1,13 +1,23 @@
-"""Shared fixtures: one real Kafka broker for the whole run, and per-test isolated settings."""
+"""Shared fixtures: one real Kafka broker for the run, isolated settings, a fake provider,
+and Ferry's API and worker running in-process against them."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from faust.contrib.asgi import faust_app_running
 
+from api.server import create_api
 from app.settings import Settings
+from app.topics import declare_topics
+from deploy.fakes.openai_server import FakeOpenAI
 from deploy.kafka.locate import locate
+from workers.app import FerryWorker
+
+PROVIDER_KEY = "sk-test-provider-key-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +42,65 @@ def settings(kafka_bootstrap: str, unique_id: str) -> Settings:
         topic_prefix=f"ferry-{unique_id}",
         topic_partitions=4,
     )
+
+
+@pytest.fixture
+async def fake_openai() -> FakeOpenAI:
+    fake = await FakeOpenAI(api_key=PROVIDER_KEY).start()
+    yield fake
+    await fake.stop()
+
+
+def ferry_settings_for(settings: Settings, fake: FakeOpenAI, **overrides) -> Settings:
+    """``settings`` with the fake as the openai provider, plus ``overrides``."""
+    values = settings.model_dump(exclude={"providers"}) | {
+        "providers": {"openai": {"base_url": fake.base_url, "api_key": PROVIDER_KEY, "timeout_seconds": 5}},
+        "worker_maintenance_interval_seconds": 0.5,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture
+def ferry_settings(settings: Settings, fake_openai: FakeOpenAI) -> Settings:
+    return ferry_settings_for(settings, fake_openai)
+
+
+async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Await ``predicate()`` (sync or async) until truthy; fail the test after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def start_api(settings: Settings) -> TestClient:
+    await declare_topics(settings)
+    client = TestClient(TestServer(create_api(settings)))
+    await client.start_server()
+
+    async def ready() -> bool:
+        return (await client.get("/health/ready")).status == 200
+
+    await wait_until(ready, 30, "the API to be ready")
+    return client
+
+
+@pytest.fixture
+async def api(ferry_settings: Settings) -> TestClient:
+    client = await start_api(ferry_settings)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def worker(ferry_settings: Settings) -> FerryWorker:
+    await declare_topics(ferry_settings)
+    ferry_worker = FerryWorker(ferry_settings, web_enabled=False)
+    async with faust_app_running(ferry_worker.app, stop_timeout=60):
+        yield ferry_worker

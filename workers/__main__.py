@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import faust
 
-from app.faust_app import create_app
 from app.settings import Settings
+from app.topics import declare_topics
+from workers.app import FerryWorker
 
 
 def main() -> None:
     settings = Settings()
-    app = create_app(settings)
-
-    @app.page("/health")
-    async def health(web, request):
-        return web.json({"status": "ok"})
-
-    worker = faust.Worker(app, loglevel=settings.log_level)
-    worker.execute_from_commandline()
+    settings.require_bootstrap_servers()
+    asyncio.run(declare_topics(settings))
+    worker = FerryWorker(settings)
+    faust.Worker(worker.app, loglevel=settings.log_level).execute_from_commandline()
 
 
 if __name__ == "__main__":

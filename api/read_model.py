@@ -1,0 +1,132 @@
+"""The API's view of the jobs table: every changelog partition, materialized in memory.
+
+Each API replica consumes the whole compacted changelog (no consumer group, from the start),
+applying upserts and tombstones, and answers polls from memory. Why this and not routing the
+read to the partition's Faust worker: it survives worker rebalances (no 503 window), needs no
+pod-to-pod addressing, scales reads with API replicas, and sees jobs that no worker has read
+yet, because the API writes their ``pending`` record to the changelog itself (see
+``api/publisher.py``).
+
+Read-your-writes on any replica: a poll for an id this view does not know waits until the view
+has consumed its partition up to the end offset taken at the time of the poll (bounded by
+``read_wait_seconds``). A 202 is only sent after the pending record was acknowledged, so if the
+job exists, that end offset covers it.
+
+States are kept as the raw JSON bytes (parsed on read), with the status rank beside them so a
+late ``pending`` never overwrites a later state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from app.jobs import JobState, JobStatus
+from app.settings import Settings
+from app.topics import changelog_topic, partition_for
+
+log = logging.getLogger(__name__)
+
+
+class JobReadModel:
+    """Owns one consumer over the changelog and the in-memory states it feeds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._topic = changelog_topic(settings)
+        self._states: dict[str, tuple[int, bytes]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+        self._partitions: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}
+        self._progress = asyncio.Event()
+        self._initial_end: dict[TopicPartition, int] | None = None
+        self.caught_up = False
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="jobs-read-model")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+    async def _connect(self) -> AIOKafkaConsumer:
+        delay = 0.2
+        while True:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._settings.require_bootstrap_servers(),
+                client_id="ferry-api-read-model",
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=50,
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+            )
+            try:
+                await consumer.start()
+                # declare_topics has checked the changelog has exactly this many partitions.
+                self._partitions = [TopicPartition(self._topic, p) for p in range(self._settings.topic_partitions)]
+                consumer.assign(self._partitions)
+                await consumer.seek_to_beginning(*self._partitions)
+                self._initial_end = await consumer.end_offsets(self._partitions)
+                return consumer
+            except KafkaError as exc:
+                log.warning("read model cannot reach Kafka yet (%s); retrying in %.1f s", exc, delay)
+                await consumer.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _run(self) -> None:
+        self._consumer = consumer = await self._connect()
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for tp, records in batches.items():
+                for record in records:
+                    self._apply(record.key.decode(), record.value)
+            for tp in self._partitions:
+                self._positions[tp] = await consumer.position(tp)
+            if not self.caught_up and all(self._positions.get(tp, 0) >= end for tp, end in self._initial_end.items()):
+                self.caught_up = True
+                log.info("read model caught up: %d jobs", len(self._states))
+            self._progress.set()
+            self._progress = asyncio.Event()
+
+    def _apply(self, job_id: str, value: bytes | None) -> None:
+        if value is None:
+            self._states.pop(job_id, None)
+            return
+        rank = JobStatus(orjson.loads(value)["status"]).rank
+        current = self._states.get(job_id)
+        if current is None or rank >= current[0]:
+            self._states[job_id] = (rank, value)
+
+    def get(self, job_id: str) -> JobState | None:
+        entry = self._states.get(job_id)
+        return JobState.from_bytes(entry[1]) if entry else None
+
+    async def lookup(self, job_id: str) -> JobState | None:
+        """The job's state; for an id not known yet, first catch up to the partition's end."""
+        state = self.get(job_id)
+        if state is not None or self._consumer is None or self._settings.read_wait_seconds == 0:
+            return state
+        tp = TopicPartition(self._topic, partition_for(job_id, self._settings.topic_partitions))
+        try:
+            async with asyncio.timeout(self._settings.read_wait_seconds):
+                end = (await self._consumer.end_offsets([tp]))[tp]
+                while self._positions.get(tp, 0) < end:
+                    await self._progress.wait()
+        except (TimeoutError, KafkaError):
+            pass
+        return self.get(job_id)

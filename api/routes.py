@@ -1,0 +1,100 @@
+"""The async jobs routes: submit (POST) and poll (GET) for each request type."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from aiohttp import web
+
+from api.errors import ApiError, not_found, unavailable
+from api.keys import service_key
+from api.publisher import JobPublisher, PublishUnavailable
+from api.read_model import JobReadModel
+from api.validation import JSON_RULES, TTL_HEADER, check_no_webhook, result_ttl_seconds, validate_json_submit
+from app.jobs import JobRequest, RequestType, key_fingerprint, rfc3339, utcnow
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+PUBLISHER = web.AppKey("publisher", JobPublisher)
+READ_MODEL = web.AppKey("read_model", JobReadModel)
+
+# The contract's path for each request type, under /v1/async/.
+PATHS: dict[RequestType, str] = {
+    RequestType.text_completion: "completions",
+    RequestType.chat_completion: "chat/completions",
+    RequestType.responses: "responses",
+    RequestType.embedding: "embeddings",
+    RequestType.speech: "audio/speech",
+    RequestType.transcription: "audio/transcriptions",
+    RequestType.image_generation: "images/generations",
+    RequestType.image_edit: "images/edits",
+    RequestType.image_variation: "images/variations",
+    RequestType.rerank: "rerank",
+    RequestType.ocr: "ocr",
+}
+
+PUBLISH_RETRY_AFTER_SECONDS = 1
+
+
+def submit_handler(request_type: RequestType):
+    async def submit(request: web.Request) -> web.Response:
+        settings = request.app[SETTINGS]
+        check_no_webhook(request.headers.get("x-bf-async-webhook"))
+        raw = await request.read()  # aiohttp enforces max_request_bytes (413)
+        submission = validate_json_submit(raw, request_type, settings.provider_endpoints)
+        key = service_key(request)
+        job = JobRequest(
+            id=str(uuid.uuid4()),
+            request_type=request_type,
+            created_at=utcnow(),
+            ttl_seconds=result_ttl_seconds(request.headers.get(TTL_HEADER), settings.default_result_ttl_seconds,
+                                           settings.max_result_ttl_seconds),
+            targets=submission.targets,
+            body=submission.body,
+            owner=key_fingerprint(key) if key else None,
+        )
+        try:
+            await request.app[PUBLISHER].publish(job)
+        except PublishUnavailable as exc:
+            log.warning("submit refused, Kafka unavailable: %s", exc)
+            raise unavailable("the job could not be queued: Kafka is unavailable, retry later",
+                              PUBLISH_RETRY_AFTER_SECONDS) from None
+        return web.json_response({"id": job.id, "status": "pending", "created_at": rfc3339(job.created_at)},
+                                 status=202)
+
+    return submit
+
+
+def poll_handler(request_type: RequestType):
+    async def poll(request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        try:
+            uuid.UUID(job_id)
+        except ValueError:
+            raise not_found() from None
+        state = await request.app[READ_MODEL].lookup(job_id)
+        if state is None or state.is_expired():
+            raise not_found()
+        if state.request_type is not request_type:
+            raise not_found("operation type mismatch")
+        if state.owner is not None:
+            key = service_key(request)
+            if key is None:
+                raise not_found("virtual key is required")
+            if key_fingerprint(key) != state.owner:
+                raise not_found("virtual key mismatch")
+        return web.json_response(state.to_wire(), status=200 if state.status.is_terminal else 202)
+
+    return poll
+
+
+def add_job_routes(api: web.Application) -> None:
+    for request_type, path in PATHS.items():
+        if request_type in JSON_RULES:
+            api.router.add_post(f"/v1/async/{path}", submit_handler(request_type))
+        api.router.add_get(f"/v1/async/{path}/{{job_id}}", poll_handler(request_type))
+
+

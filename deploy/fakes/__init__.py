@@ -1,0 +1,1 @@
+"""Fake providers speaking real wire formats, for tests and for trying Ferry without keys."""

@@ -1,0 +1,80 @@
+"""Running provider calls outside the agents' streams, and reporting their outcomes to Kafka.
+
+An agent that awaited each provider call would hold its partition for minutes and stall every
+rebalance; an agent with ``concurrency > 1`` may commit past messages still in flight. So the
+request agent stays sequential and quick: it records ``processing`` in the table, hands the
+call to this runner, and moves on. The runner:
+
+- bounds the calls in flight (``worker_max_in_flight``); the agent waits for a slot before
+  taking a job, so excess jobs wait in Kafka, not in memory;
+- runs each call as a task and sends its ``Outcome`` to the job-events topic, retrying the
+  send until Kafka acknowledges it, because table writes are only legal inside a stream: the
+  events agent applies the outcome to the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from app.jobs import JobEvent, JobRequest, Outcome
+from workers.caller import ProviderCaller, service_error
+
+log = logging.getLogger(__name__)
+
+SendEvent = Callable[[JobEvent], Awaitable[None]]
+
+
+class JobRunner:
+    def __init__(self, caller: ProviderCaller, send_event: SendEvent, max_in_flight: int) -> None:
+        self._caller = caller
+        self._send_event = send_event
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self.in_flight: dict[str, asyncio.Task] = {}
+
+    async def wait_for_slot(self) -> None:
+        """Wait until another call may start; pair with ``launch`` or ``release_slot``."""
+        await self._slots.acquire()
+
+    def release_slot(self) -> None:
+        self._slots.release()
+
+    def launch(self, request: JobRequest) -> None:
+        """Start the job's provider call; a slot must have been taken with ``wait_for_slot``."""
+        self.in_flight[request.id] = asyncio.create_task(self._run(request), name=f"job-{request.id}")
+
+    async def _run(self, request: JobRequest) -> None:
+        try:
+            try:
+                outcome = await self._caller.run(request)
+            except Exception:
+                log.exception("job %s: unexpected error calling the provider", request.id)
+                error = service_error(500, "internal error while calling the provider", "internal_error",
+                                      None, request.request_type)
+                outcome = Outcome(status_code=500, error=error)
+            await self._deliver(JobEvent(id=request.id, kind="outcome", outcome=outcome))
+        finally:
+            self.in_flight.pop(request.id, None)
+            self._slots.release()
+
+    async def _deliver(self, event: JobEvent) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._send_event(event)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker is away: the outcome must still get through
+                log.warning("job %s: outcome not delivered yet (%s); retrying in %.1f s",
+                            event.id, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def stop(self) -> None:
+        """Cancel the calls in flight; their jobs stay ``processing`` and the next owner resumes them."""
+        tasks = list(self.in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
