@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from app.jobs import ErrorDetail, ErrorObject
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -49,8 +53,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except ApiError as exc:
         return exc.to_response()
     except web.HTTPRequestEntityTooLarge as exc:
-        return ApiError(413, f"request body too large: the limit is {exc.max_size} bytes",
-                        error_type="request_too_large").to_response()
+        return ApiError(413, f"request body too large: {exc.text}", error_type="request_too_large").to_response()
     except web.HTTPNotFound:
         return ApiError(404, f"no route for {request.method} {request.path}",
                         error_type="not_found_error").to_response()
@@ -58,3 +61,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return ApiError(405, f"method {request.method} is not allowed on {request.path}",
                         error_type="invalid_request_error",
                         headers={"Allow": ", ".join(sorted(exc.allowed_methods))}).to_response()
+    except web.HTTPException as exc:
+        return ApiError(exc.status, exc.reason, error_type="http_error").to_response()
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return ApiError(500, "internal server error", error_type="internal_error").to_response()

@@ -86,7 +86,8 @@ async def declare_topics(settings: Settings) -> None:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")
             log.info("declared %d topics", len(missing))
-        described = await admin.describe_topics([topic.name for topic in wanted])
+        # Topics created just now have the right count; ones that existed may not.
+        described = await admin.describe_topics([topic.name for topic in wanted if topic.name in existing])
         wrong = {d["topic"]: len(d["partitions"]) for d in described
                  if len(d["partitions"]) != settings.topic_partitions}
         if wrong:

@@ -1,4 +1,8 @@
-"""Runs Ferry locally in the foreground (`make run`): Kafka, the API and one worker.
+"""Runs Ferry locally in the foreground (`make run`): Kafka, the API, one worker, a fake provider.
+
+The fake OpenAI-compatible provider (``deploy/fakes/openai_server.py``) listens on
+``http://127.0.0.1:8099/v1``. When no provider is configured (``FERRY_PROVIDERS`` unset), it is
+configured as the provider ``fake``, so ``"model": "fake/gpt-4o-mini"`` works without any key.
 
 Ctrl-C (or SIGTERM) stops the API and the worker, then the local broker if this command
 started it. If either process dies, the others are stopped too and the exit code says so.
@@ -6,6 +10,7 @@ started it. If either process dies, the others are stopped too and the exit code
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +22,8 @@ from app.settings import Settings
 from deploy.kafka.locate import locate
 
 log = logging.getLogger("ferry.run")
+
+FAKE_PROVIDER_PORT = 8099
 
 
 def _stop(processes: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
@@ -39,6 +46,8 @@ def main() -> int:
     broker = locate(settings)
     log.info("Kafka (%s) at %s", broker.source, broker.bootstrap_servers)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+    if not settings.providers:
+        env["FERRY_PROVIDERS"] = json.dumps({"fake": {"base_url": f"http://127.0.0.1:{FAKE_PROVIDER_PORT}/v1"}})
     stopping = False
 
     def request_stop(signum, frame):
@@ -50,9 +59,14 @@ def main() -> int:
     processes: dict[str, subprocess.Popen] = {}
     exit_code = 0
     try:
-        for name, module in (("api", "api"), ("worker", "workers")):
+        commands = {
+            "fake provider": ["deploy.fakes.openai_server", "--port", str(FAKE_PROVIDER_PORT)],
+            "api": ["api"],
+            "worker": ["workers"],
+        }
+        for name, args in commands.items():
             # Own process groups: Ctrl-C reaches this supervisor only, which stops them in order.
-            processes[name] = subprocess.Popen([sys.executable, "-m", module], env=env, start_new_session=True)
+            processes[name] = subprocess.Popen([sys.executable, "-m", *args], env=env, start_new_session=True)
         log.info("API on http://%s:%d — Ctrl-C stops everything", settings.api_host, settings.api_port)
         while not stopping:
             for name, proc in processes.items():

@@ -4,7 +4,10 @@ and Ferry's API and worker running in-process against them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import uuid
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,6 +17,7 @@ from api.server import create_api
 from app.settings import Settings
 from app.topics import declare_topics
 from deploy.fakes.openai_server import FakeOpenAI
+from deploy.kafka.broker import LocalKafka
 from deploy.kafka.locate import locate
 from workers.app import FerryWorker
 
@@ -26,6 +30,26 @@ def kafka_bootstrap() -> str:
     handle = locate(Settings())
     yield handle.bootstrap_servers
     handle.release()
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p+1 (a broker's controller) are both free right now."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> LocalKafka:
+    """A broker of this test's own, for tests that stop or kill it."""
+    broker = LocalKafka(home=tmp_path / "kafka", port=_free_port_pair(), heap="512m")
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture
@@ -98,9 +122,16 @@ async def api(ferry_settings: Settings) -> TestClient:
     await client.close()
 
 
+@contextlib.asynccontextmanager
+async def worker_running(settings: Settings):
+    """A Ferry worker running in this process and event loop."""
+    await declare_topics(settings)
+    ferry_worker = FerryWorker(settings, web_enabled=False)
+    async with faust_app_running(ferry_worker.app, stop_timeout=60):
+        yield ferry_worker
+
+
 @pytest.fixture
 async def worker(ferry_settings: Settings) -> FerryWorker:
-    await declare_topics(ferry_settings)
-    ferry_worker = FerryWorker(ferry_settings, web_enabled=False)
-    async with faust_app_running(ferry_worker.app, stop_timeout=60):
+    async with worker_running(ferry_settings) as ferry_worker:
         yield ferry_worker

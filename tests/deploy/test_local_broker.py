@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from deploy.kafka.broker import LocalKafka
-
-
-def _free_port_pair() -> int:
-    """A port p such that p and p+1 (the controller) are both free right now."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port + 1)) != 0:
-                return port
-    raise RuntimeError("no free port pair")
 
 
 def _broker_processes(properties: Path) -> list[int]:
@@ -37,13 +24,6 @@ def _broker_processes(properties: Path) -> list[int]:
         if state != "Z" and b"kafka.Kafka" in cmdline and str(properties).encode() in cmdline:
             found.append(int(entry.name))
     return found
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path):
-    broker = LocalKafka(home=tmp_path / "kafka", port=_free_port_pair(), heap="512m")
-    yield broker
-    broker.stop()
 
 
 @pytest.mark.timeout(240)
