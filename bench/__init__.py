@@ -1,0 +1,1 @@
+"""Benchmarks: measured figures of a running Ferry, never asserted by the test suite."""
