@@ -22,6 +22,8 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         web_port=settings.worker_web_port,
         web_bind="0.0.0.0",
         autodiscover=False,
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_heartbeat_interval=settings.kafka_session_timeout_seconds / 4,
     )
     options.update(overrides)
     return faust.App(settings.app_id, **options)

@@ -148,6 +148,17 @@ class RequestLocation(BaseModel):
     offset: int
 
 
+class RetryInfo(BaseModel):
+    """Why a processing job is waiting: the failed call it will retry, and when."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target: str
+    attempt: int  # the call that failed (1 = the first call to this target)
+    status_code: int
+    next_attempt_at: datetime
+
+
 class JobState(_Record):
     """A job's state: the value of the jobs table, and what GET renders."""
 
@@ -164,6 +175,7 @@ class JobState(_Record):
     error: ErrorObject | None = None
     attempts: int = 0  # how many workers have started this job
     request: RequestLocation | None = None
+    retry: RetryInfo | None = None  # set while a processing job waits to retry a provider call
 
     @classmethod
     def pending(cls, request: JobRequest) -> "JobState":
@@ -174,15 +186,18 @@ class JobState(_Record):
 
     def processing(self, location: RequestLocation) -> "JobState":
         return self.model_copy(update={
-            "status": JobStatus.processing, "attempts": self.attempts + 1, "request": location,
+            "status": JobStatus.processing, "attempts": self.attempts + 1, "request": location, "retry": None,
         })
+
+    def retrying(self, retry: RetryInfo) -> "JobState":
+        return self.model_copy(update={"retry": retry})
 
     def finished(self, outcome: "Outcome", at: datetime | None = None) -> "JobState":
         at = at or utcnow()
         status = JobStatus.completed if outcome.error is None else JobStatus.failed
         return self.model_copy(update={
             "status": status, "completed_at": at, "expires_at": at + timedelta(seconds=self.ttl_seconds),
-            "status_code": outcome.status_code, "result": outcome.result, "error": outcome.error,
+            "status_code": outcome.status_code, "result": outcome.result, "error": outcome.error, "retry": None,
         })
 
     def is_expired(self, now: datetime | None = None) -> bool:
@@ -191,6 +206,9 @@ class JobState(_Record):
     def to_wire(self) -> dict[str, Any]:
         """The contract's job object."""
         body: dict[str, Any] = {"id": self.id, "status": self.status.value, "created_at": rfc3339(self.created_at)}
+        if self.retry is not None and self.status is JobStatus.processing:
+            # Beyond the contract: a processing job says that it is retrying, and when.
+            body["retry"] = self.retry.model_dump(mode="json") | {"next_attempt_at": rfc3339(self.retry.next_attempt_at)}
         if self.status.is_terminal:
             body["completed_at"] = rfc3339(self.completed_at)
             body["expires_at"] = rfc3339(self.expires_at)
@@ -216,5 +234,6 @@ class JobEvent(_Record):
     """Something to apply to a job's table entry, from outside a request stream."""
 
     id: str
-    kind: Literal["outcome", "resume", "expire"]
+    kind: Literal["outcome", "retrying", "resume", "expire"]
     outcome: Outcome | None = None
+    retry: RetryInfo | None = None

@@ -40,6 +40,8 @@ class ProviderEndpoint:
     api_key: str | None = field(repr=False)  # never printed, never logged
     timeout_seconds: float
     request_types: frozenset[RequestType]
+    max_concurrency: int | None = None
+    requests_per_minute: int | None = None
 
 
 _SPECS = [

@@ -25,6 +25,8 @@ class ProviderConfig(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str | None = Field(None, description="Environment variable holding the key.")
     timeout_seconds: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1, description="Calls at once, per worker.")
+    requests_per_minute: int | None = Field(None, ge=1, description="Call starts per minute, per worker.")
     enabled: bool = True
 
 
@@ -80,6 +82,24 @@ class Settings(BaseSettings):
     http_connect_timeout_seconds: float = Field(10.0, gt=0, description="Provider connect timeout.")
     provider_timeout_seconds: float = Field(
         600.0, gt=0, description="Default whole-call timeout of a provider request."
+    )
+    retry_max_attempts: int = Field(
+        4, ge=1, description="Calls per target (provider/model) before moving to the next fallback."
+    )
+    retry_initial_backoff_seconds: float = Field(0.5, ge=0, description="First retry delay.")
+    retry_max_backoff_seconds: float = Field(
+        60.0, ge=0, description="Cap on a retry delay, Retry-After included."
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="Workers that may start a job before it is failed as poison "
+        "(each crash or lost worker mid-call counts) and copied to the dead-letter topic."
+    )
+    worker_shutdown_grace_seconds: float = Field(
+        25.0, ge=0, description="On SIGTERM, how long in-flight calls may finish before the worker leaves."
+    )
+    kafka_session_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a silent worker keeps its partitions before the group "
+        "reassigns them (bounds crash recovery)."
     )
 
     # -- Providers --------------------------------------------------------------------------------
@@ -137,6 +157,8 @@ def _resolve_endpoints(configs: dict[str, ProviderConfig], default_timeout: floa
             base_url=base_url.rstrip("/"),
             api_key=key or None,
             timeout_seconds=config.timeout_seconds or default_timeout,
+            max_concurrency=config.max_concurrency,
+            requests_per_minute=config.requests_per_minute,
             request_types=spec.request_types if spec else CATALOGUE["openai"].request_types,
         )
     return endpoints

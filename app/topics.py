@@ -6,7 +6,8 @@ worker that owns partition *p* of one owns it of all (Faust co-partitioning), an
 pending record lands in the changelog partition the worker will later write.
 
 - ``<prefix>-requests-<request_type>``: one per request type, written by the API;
-- ``<prefix>-job-events``: outcomes, resume and expiry orders, written by the workers;
+- ``<prefix>-job-events``: outcomes, retry reports, resume and expiry orders, from the workers;
+- ``<prefix>-dead-letter``: requests of jobs failed as poison, for inspection and replay;
 - ``<app_id>-jobs-changelog``: the jobs table's compacted changelog (named by Faust's rule).
 """
 
@@ -38,6 +39,10 @@ def request_topics(settings: Settings) -> list[str]:
 
 def job_events_topic(settings: Settings) -> str:
     return f"{settings.topic_prefix}-job-events"
+
+
+def dead_letter_topic(settings: Settings) -> str:
+    return f"{settings.topic_prefix}-dead-letter"
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -72,7 +77,7 @@ async def declare_topics(settings: Settings) -> None:
     partition count (co-partitioning depends on it). Safe to call from every process at start."""
     wanted = [NewTopic(name, settings.topic_partitions, settings.topic_replication_factor,
                        topic_configs=request_topic_config(settings))
-              for name in [*request_topics(settings), job_events_topic(settings)]]
+              for name in [*request_topics(settings), job_events_topic(settings), dead_letter_topic(settings)]]
     wanted.append(NewTopic(changelog_topic(settings), settings.topic_partitions,
                            settings.topic_replication_factor, topic_configs=changelog_topic_config(settings)))
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_bootstrap_servers())

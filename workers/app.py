@@ -5,11 +5,13 @@ How a job flows
 1. The API writes ``pending`` to the changelog, then the request to its request topic
    (``api/publisher.py``); both are acknowledged before the 202.
 2. ``take_requests`` (one sequential agent over all request topics) reads the request. A job
-   already terminal in the table, or already running here, is skipped. Otherwise it waits for
-   an in-flight slot, writes ``processing`` (attempts + 1, and where the request sits) to the
+   already terminal in the table, or already running here, is skipped. A job that
+   ``job_max_attempts`` workers have already started without finishing is poison: its request
+   is copied to the dead-letter topic and it is failed. Otherwise the agent waits for an
+   in-flight slot, writes ``processing`` (attempts + 1, and where the request sits) to the
    table, hands the call to the runner, and acks the event.
-3. The runner calls the provider (``workers/caller.py``) in a task of its own and sends the
-   ``Outcome`` to the job-events topic.
+3. The runner calls the provider (``workers/caller.py``, with retries and per-provider limits)
+   in a task of its own and sends the ``Outcome`` to the job-events topic.
 4. ``apply_job_events`` writes the terminal state (``completed`` or ``failed``, ``expires_at``)
    to the table. The first outcome wins; later ones are counted as duplicates.
 5. A maintenance timer sends ``expire`` orders for jobs past ``expires_at`` (the events agent
@@ -33,6 +35,12 @@ Why a job can't be lost or stuck
 - The request agent never awaits a provider call, so rebalances are not held up by slow calls
   (``stream_wait_empty`` is off); an event whose partition was revoked while it waited for a
   slot is dropped unacked, for the new owner to read.
+- On SIGTERM the worker stops taking jobs, lets calls in flight finish for
+  ``worker_shutdown_grace_seconds``, then leaves; what did not finish is resumed (step 5).
+
+What can still happen twice: a provider call in flight when its worker dies is made again by
+the next owner. Every such restart is counted (``possible_duplicate_calls`` on ``/health``),
+and the job's ``attempts`` says how many workers started it.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ from app.faust_app import create_app
 from app.jobs import JobEvent, JobRequest, JobState, JobStatus, Outcome, RequestLocation, utcnow
 from app.settings import Settings
 from app.topics import (
-    JOBS_TABLE, changelog_topic_config, job_events_topic, partition_for, request_topic_config, request_topics,
+    JOBS_TABLE, changelog_topic_config, dead_letter_topic, job_events_topic, partition_for, request_topic_config,
+    request_topics,
 )
 from workers.caller import ProviderCaller, service_error
 from workers.request_fetcher import RequestFetcher, RequestGone
@@ -75,10 +84,14 @@ class FerryWorker:
                                   partitions=partitions, config=request_topic_config(settings))
         self.events = app.topic(job_events_topic(settings), key_serializer="raw", value_serializer="raw",
                                 partitions=partitions, config=request_topic_config(settings))
+        self.dead_letters = app.topic(dead_letter_topic(settings), key_serializer="raw", value_serializer="raw",
+                                      partitions=partitions, config=request_topic_config(settings))
         self.caller = ProviderCaller(settings, transport)
         self.fetcher = RequestFetcher(settings)
         self.runner = JobRunner(self.caller, self.send_event, settings.worker_max_in_flight)
-        self.duplicate_outcomes = 0
+        self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
+        self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
+        self.poisoned_jobs = 0
         # What the maintenance timer looks at, kept beside the table so it never scans it.
         self._expiries: list[tuple[datetime, str]] = []
         self._processing: set[str] = set()
@@ -88,7 +101,9 @@ class FerryWorker:
         app.timer(settings.worker_maintenance_interval_seconds, name="maintenance")(self._maintain)
         self.table.on_recover(self._index_table)
         app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_before_shutdown.connect(self._on_shutdown)
         app.page("/health")(self._health)
+        app.page("/health/ready")(self._ready)
         app.service(self._resources_service())
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -102,14 +117,27 @@ class FerryWorker:
                 await worker.fetcher.start()
 
             async def on_stop(self) -> None:
-                await worker.runner.stop()
+                await worker.runner.drain(0)  # after the graceful drain, if it ran: cancel the rest
                 await worker.caller.stop()
                 await worker.fetcher.stop()
 
         return WorkerResources
 
+    async def _on_shutdown(self, sender, **kwargs) -> None:
+        await self.runner.drain(self.settings.worker_shutdown_grace_seconds)
+
+    def counters(self) -> dict[str, int]:
+        return {"in_flight": len(self.runner.in_flight), "duplicate_outcomes": self.duplicate_outcomes,
+                "possible_duplicate_calls": self.possible_duplicate_calls, "poisoned_jobs": self.poisoned_jobs}
+
     async def _health(self, web, request):
-        return web.json({"status": "ok", "in_flight": len(self.runner.in_flight)})
+        return web.json({"status": "ok", **self.counters()})
+
+    async def _ready(self, web, request):
+        """Ready when the worker is in its group with a settled assignment and is not stopping."""
+        ready = not self.app.rebalancing and not self.runner.stopping and self.app.consumer is not None \
+            and self.app.tables.recovery.completed.is_set()
+        return web.json({"status": "ok" if ready else "unavailable"}, status=200 if ready else 503)
 
     # -- table access -------------------------------------------------------------------------
 
@@ -158,15 +186,41 @@ class FerryWorker:
         state = self.get(request.id)
         if (state is not None and state.status.is_terminal) or request.id in self.runner.in_flight:
             return True
-        await self.runner.wait_for_slot()
+        message = event.message
+        location = RequestLocation(topic=message.topic, partition=message.partition, offset=message.offset)
+        state = state or JobState.pending(request)
+        if state.attempts >= self.settings.job_max_attempts:
+            await self._give_up(state, request, location)
+            return True
+        if not await self.runner.wait_for_slot():
+            return False
         if not self._still_owned(event):
             self.runner.release_slot()
             return False
-        message = event.message
-        location = RequestLocation(topic=message.topic, partition=message.partition, offset=message.offset)
-        self._put((state or JobState.pending(request)).processing(location))
-        self.runner.launch(request)
+        self._start(state.processing(location), request)
         return True
+
+    def _start(self, state: JobState, request: JobRequest) -> None:
+        if state.attempts > 1:
+            self.possible_duplicate_calls += 1
+            log.info("job %s: starting again (attempt %d)", state.id, state.attempts)
+        self._put(state)
+        self.runner.launch(request)
+
+    async def _give_up(self, state: JobState, request: JobRequest, location: RequestLocation) -> None:
+        """Fail a poison job, after copying its request to the dead-letter topic."""
+        reason = (f"job abandoned after {state.attempts} attempts: each worker that started it "
+                  f"stopped before finishing it")
+        partition = partition_for(request.id, self.settings.topic_partitions)
+        sent = await self.dead_letters.send(
+            key=request.id.encode(), value=request.to_bytes(), partition=partition,
+            headers={"ferry-reason": reason.encode(), "ferry-source": f"{location.topic}/{location.partition}/"
+                     f"{location.offset}".encode()})
+        await sent
+        self.poisoned_jobs += 1
+        log.error("job %s: %s; request copied to %s", request.id, reason, dead_letter_topic(self.settings))
+        error = service_error(500, reason, "job_abandoned", request.targets[0], request.request_type)
+        self._put(state.finished(Outcome(status_code=500, error=error)))
 
     async def _apply_job_events(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -184,6 +238,9 @@ class FerryWorker:
                 self.duplicate_outcomes += 1
                 return
             self._put(state.finished(event.outcome))
+        elif event.kind == "retrying":
+            if state is not None and state.status is JobStatus.processing:
+                self._put(state.retrying(event.retry))
         elif event.kind == "expire":
             if state is not None and state.is_expired():
                 del self.table[event.id.encode()]
@@ -199,10 +256,10 @@ class FerryWorker:
                                   None, state.request_type)
             self._put(state.finished(Outcome(status_code=500, error=error)))
             return
-        await self.runner.wait_for_slot()
-        log.info("resuming job %s (attempt %d)", state.id, state.attempts + 1)
-        self._put(state.processing(state.request))
-        self.runner.launch(request)
+        if state.attempts >= self.settings.job_max_attempts:
+            await self._give_up(state, request, state.request)
+        elif await self.runner.wait_for_slot():
+            self._start(state.processing(state.request), request)
 
     # -- maintenance -----------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """Calling providers: the only module that does provider network I/O (httpx).
 
 ``ProviderCaller.run(request)`` tries the job's targets in order (primary, then fallbacks) and
-returns its ``Outcome``. A target's failure moves on to the next target only when it is
-retryable (429, 5xx, timeout, connection failure); any other failure ends the job.
+returns its ``Outcome``. Each target is called up to ``retry_max_attempts`` times while it fails
+retryably (429, 5xx, timeout, connection failure), waiting an exponential backoff with jitter,
+or the provider's ``Retry-After`` if longer (both capped at ``retry_max_backoff_seconds``).
+A retryable failure that outlasts its attempts moves on to the next target; any other failure
+ends the job. Each call waits for its provider's limits (``workers/limits.py``).
 
 Errors, and who they are blamed on (``is_bifrost_error``):
 
@@ -14,14 +17,19 @@ Errors, and who they are blamed on (``is_bifrost_error``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Awaitable, Callable
 
 import httpx
 
-from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType, Target
+from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType, RetryInfo, Target, utcnow
 from app.providers import ProviderEndpoint
 from app.settings import Settings
+from workers.limits import ProviderLimits
 from workers.providers import ADAPTERS
 from workers.providers.base import HttpResponse, ProviderFailure
 
@@ -48,6 +56,19 @@ def service_error(status: int, message: str, error_type: str, target: Target | N
     )
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One call's outcome, and what may follow it."""
+
+    outcome: Outcome
+    retry_same: bool = False  # the same target may succeed later
+    try_next: bool = False  # another target might succeed
+    retry_after: float | None = None
+
+
+OnRetry = Callable[[RetryInfo], Awaitable[None]]
+
+
 class ProviderCaller:
     """Owns the process's shared httpx client; started and stopped once."""
 
@@ -55,6 +76,7 @@ class ProviderCaller:
         self._settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._limits: dict[str, ProviderLimits] = {}
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=self._settings.http_max_connections,
@@ -70,44 +92,73 @@ class ProviderCaller:
             client, self._client = self._client, None
             await client.aclose()
 
-    async def run(self, request: JobRequest) -> Outcome:
+    async def run(self, request: JobRequest, on_retry: OnRetry | None = None) -> Outcome:
         """The job's outcome after trying its targets in order."""
-        outcome: Outcome | None = None
+        attempt: Attempt | None = None
         for target in request.targets:
-            outcome, retryable = await self._call(target, request)
-            if outcome.error is None or not retryable:
-                return outcome
-        return outcome
+            attempt = await self._call_with_retries(target, request, on_retry)
+            if attempt.outcome.error is None or not attempt.try_next:
+                break
+        return attempt.outcome
 
-    async def _call(self, target: Target, request: JobRequest) -> tuple[Outcome, bool]:
-        """One target's outcome, and whether another target might do better."""
+    def backoff_seconds(self, failed_calls: int, retry_after: float | None) -> float:
+        settings = self._settings
+        ceiling = min(settings.retry_max_backoff_seconds,
+                      settings.retry_initial_backoff_seconds * 2 ** (failed_calls - 1))
+        delay = random.uniform(ceiling / 2, ceiling)  # jitter spreads retries of a burst apart
+        return min(max(delay, retry_after or 0.0), settings.retry_max_backoff_seconds)
+
+    async def _call_with_retries(self, target: Target, request: JobRequest, on_retry: OnRetry | None) -> Attempt:
+        call = 1
+        while True:
+            attempt = await self._call(target, request)
+            if attempt.outcome.error is None or not attempt.retry_same or call >= self._settings.retry_max_attempts:
+                return attempt
+            delay = self.backoff_seconds(call, attempt.retry_after)
+            if on_retry is not None:
+                await on_retry(RetryInfo(target=str(target), attempt=call, status_code=attempt.outcome.status_code,
+                                         next_attempt_at=utcnow() + timedelta(seconds=delay)))
+            await asyncio.sleep(delay)
+            call += 1
+
+    def _limits_for(self, endpoint: ProviderEndpoint) -> ProviderLimits:
+        if endpoint.name not in self._limits:
+            self._limits[endpoint.name] = ProviderLimits(endpoint)
+        return self._limits[endpoint.name]
+
+    async def _call(self, target: Target, request: JobRequest) -> Attempt:
+        """One call to one target."""
         rtype = request.request_type
         endpoint: ProviderEndpoint | None = self._settings.provider_endpoints.get(target.provider)
         if endpoint is None or rtype not in endpoint.request_types:
             # Configuration changed since the submit was accepted.
             error = service_error(400, f"provider {target.provider} is not configured for {rtype.value}",
                                   "invalid_request_error", target, rtype)
-            return Outcome(status_code=400, error=error), True
+            return Attempt(Outcome(status_code=400, error=error), try_next=True)
         adapter = ADAPTERS[endpoint.family]
         http_request = adapter.build_request(endpoint, rtype, target.model, request.body)
         try:
-            reply = await self._client.request(
-                http_request.method, http_request.url, headers=http_request.headers, json=http_request.json,
-                timeout=httpx.Timeout(endpoint.timeout_seconds, connect=self._settings.http_connect_timeout_seconds),
-            )
+            async with self._limits_for(endpoint).call_slot():
+                reply = await self._client.request(
+                    http_request.method, http_request.url, headers=http_request.headers, json=http_request.json,
+                    timeout=httpx.Timeout(endpoint.timeout_seconds,
+                                          connect=self._settings.http_connect_timeout_seconds),
+                )
         except httpx.TimeoutException:
             error = service_error(504, "provider request timed out", "timeout_error", target, rtype)
-            return Outcome(status_code=504, error=error), True
+            return Attempt(Outcome(status_code=504, error=error), retry_same=True, try_next=True)
         except httpx.TransportError as exc:
             log.warning("provider %s unreachable: %s", target.provider, type(exc).__name__)
             error = service_error(502, "could not reach provider", "connection_error", target, rtype)
-            return Outcome(status_code=502, error=error), True
+            return Attempt(Outcome(status_code=502, error=error), retry_same=True, try_next=True)
         response = HttpResponse(reply.status_code, reply.headers, reply.content)
         if 200 <= reply.status_code < 300:
             try:
-                return Outcome(status_code=200, result=adapter.parse_result(rtype, response)), False
+                return Attempt(Outcome(status_code=200, result=adapter.parse_result(rtype, response)))
             except ValueError:
                 error = service_error(502, "unreadable provider response", "provider_response_error", target, rtype)
-                return Outcome(status_code=502, error=error), True
+                return Attempt(Outcome(status_code=502, error=error), try_next=True)
         failure = adapter.parse_failure(response)
-        return Outcome(status_code=failure.status_code, error=provider_error(failure, target, rtype)), failure.retryable
+        return Attempt(Outcome(status_code=failure.status_code, error=provider_error(failure, target, rtype)),
+                       retry_same=failure.retryable, try_next=failure.retryable,
+                       retry_after=failure.retry_after_seconds)

@@ -9,7 +9,9 @@ call to this runner, and moves on. The runner:
   taking a job, so excess jobs wait in Kafka, not in memory;
 - runs each call as a task and sends its ``Outcome`` to the job-events topic, retrying the
   send until Kafka acknowledges it, because table writes are only legal inside a stream: the
-  events agent applies the outcome to the table.
+  events agent applies the outcome to the table;
+- reports each provider retry as a ``retrying`` event, so a poll shows why the job waits;
+- on shutdown, stops handing out slots and lets the calls in flight finish, up to a deadline.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from app.jobs import JobEvent, JobRequest, Outcome
+from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo
 from workers.caller import ProviderCaller, service_error
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,31 @@ class JobRunner:
         self._caller = caller
         self._send_event = send_event
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._stopping = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task] = {}
 
-    async def wait_for_slot(self) -> None:
-        """Wait until another call may start; pair with ``launch`` or ``release_slot``."""
-        await self._slots.acquire()
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_for_slot(self) -> bool:
+        """Wait until another call may start; False once the runner is stopping.
+
+        On True, pair with ``launch`` or ``release_slot``.
+        """
+        if self.stopping:
+            return False
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if not self.stopping:
+                return True
+            self._slots.release()
+        else:
+            acquire.cancel()
+        return False
 
     def release_slot(self) -> None:
         self._slots.release()
@@ -47,7 +69,7 @@ class JobRunner:
     async def _run(self, request: JobRequest) -> None:
         try:
             try:
-                outcome = await self._caller.run(request)
+                outcome = await self._caller.run(request, on_retry=lambda retry: self._report_retry(request, retry))
             except Exception:
                 log.exception("job %s: unexpected error calling the provider", request.id)
                 error = service_error(500, "internal error while calling the provider", "internal_error",
@@ -57,6 +79,14 @@ class JobRunner:
         finally:
             self.in_flight.pop(request.id, None)
             self._slots.release()
+
+    async def _report_retry(self, request: JobRequest, retry: RetryInfo) -> None:
+        # Informational: a report that Kafka cannot take at once is dropped, the retry goes on.
+        try:
+            async with asyncio.timeout(2.0):
+                await self._send_event(JobEvent(id=request.id, kind="retrying", retry=retry))
+        except Exception as exc:
+            log.info("job %s: retry report not delivered (%s)", request.id, type(exc).__name__)
 
     async def _deliver(self, event: JobEvent) -> None:
         delay = 0.1
@@ -72,9 +102,18 @@ class JobRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def stop(self) -> None:
-        """Cancel the calls in flight; their jobs stay ``processing`` and the next owner resumes them."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Start no more calls; wait up to ``grace_seconds`` for those in flight, then cancel them.
+
+        A cancelled call's job stays ``processing``; the partition's next owner resumes it.
+        """
+        self._stopping.set()
         tasks = list(self.in_flight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            log.info("draining %d calls in flight (up to %.0f s)", len(tasks), grace_seconds)
+            _, unfinished = await asyncio.wait(tasks, timeout=grace_seconds) if grace_seconds > 0 else ((), tasks)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if unfinished:
+                log.warning("%d calls did not finish in time; their jobs will be resumed", len(unfinished))
