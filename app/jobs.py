@@ -234,6 +234,7 @@ class JobEvent(_Record):
     """Something to apply to a job's table entry, from outside a request stream."""
 
     id: str
-    kind: Literal["outcome", "retrying", "resume", "expire"]
+    kind: Literal["outcome", "retrying", "resume", "expire", "catch_up"]
     outcome: Outcome | None = None
     retry: RetryInfo | None = None
+    attempts: int | None = None  # resume: the attempts seen; stale once another start happened

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
 
     # -- Worker ---------------------------------------------------------------------------------
     worker_web_port: int = Field(6066, description="Port of the worker's health endpoint.")
+    worker_data_dir: str = Field(".local/faust", description="Where Faust keeps its local files.")
     worker_max_in_flight: int = Field(
         2000, ge=1, description="Provider calls one worker process runs at once; more jobs wait in Kafka."
     )

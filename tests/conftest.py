@@ -99,7 +99,7 @@ async def wait_until(predicate, timeout: float, what: str, interval: float = 0.0
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(interval)
 
 

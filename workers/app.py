@@ -21,20 +21,20 @@ How a job flows
 
 Why a job can't be lost or stuck
 --------------------------------
-- Faust commits a request's offset only after the agent acked it, and flushes the table's
-  changelog writes before committing, so a committed request always has its ``processing``
-  record in the changelog. A crash before that commit redelivers the request (step 2 again).
+- A request event is acked only once Kafka has acknowledged its ``processing`` record
+  (``workers/acks.py``), and Faust commits only acked offsets, so a committed request always
+  has its ``processing`` record in the changelog. A crash before that commit redelivers the
+  request (step 2 again).
 - A crash after it leaves the job ``processing`` in the changelog; whichever worker owns the
   partition next recovers the table and resumes the job (step 5), reading the request again
   from its recorded offset.
 - Outcomes travel through Kafka (acks=all) before they touch the table, and the runner retries
   the send until Kafka takes it; a crash in between resumes the job instead.
-- Acks are in offset order (one sequential agent acking manually), which avoids Faust's
+- Acks are in offset order per partition (``workers/acks.py``), which avoids Faust's
   out-of-order commit bug (faust-streaming #606) that agent ``concurrency > 1`` triggers.
 - Agents catch every error per event: Faust would otherwise ack a failed event silently.
 - The request agent never awaits a provider call, so rebalances are not held up by slow calls
-  (``stream_wait_empty`` is off); an event whose partition was revoked while it waited for a
-  slot is dropped unacked, for the new owner to read.
+  (``stream_wait_empty`` is off).
 - On SIGTERM the worker stops taking jobs, lets calls in flight finish for
   ``worker_shutdown_grace_seconds``, then leaves; what did not finish is resumed (step 5).
 
@@ -45,8 +45,10 @@ and the job's ``attempts`` says how many workers started it.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
+import time
 from datetime import datetime
 
 import faust
@@ -61,11 +63,34 @@ from app.topics import (
     JOBS_TABLE, changelog_topic_config, dead_letter_topic, job_events_topic, partition_for, request_topic_config,
     request_topics,
 )
+from workers.acks import OrderedAcks
 from workers.caller import ProviderCaller, service_error
 from workers.request_fetcher import RequestFetcher, RequestGone
 from workers.runner import JobRunner
 
 log = logging.getLogger(__name__)
+
+DROP = object()  # _take_request: leave the event unacked
+EVENTS_CATCH_UP_SECONDS = 10.0
+
+
+def _partition_keys(partitions: int) -> dict[int, str]:
+    keys: dict[int, str] = {}
+    n = 0
+    while len(keys) < partitions:
+        keys.setdefault(partition_for(f"partition-{n}", partitions), f"partition-{n}")
+        n += 1
+    return keys
+
+
+class JobsTable(faust.Table):
+    """The jobs table, remembering its last changelog write so that a caller can await it."""
+
+    last_write: asyncio.Future | None = None
+
+    def send_changelog(self, *args, **kwargs):
+        self.last_write = super().send_changelog(*args, **kwargs)
+        return self.last_write
 
 
 class FerryWorker:
@@ -75,7 +100,7 @@ class FerryWorker:
                  **app_overrides) -> None:
         self.settings = settings
         partitions = settings.topic_partitions
-        self.app = app = create_app(settings, stream_wait_empty=False, **app_overrides)
+        self.app = app = create_app(settings, stream_wait_empty=False, Table=JobsTable, **app_overrides)
         self.table = app.Table(
             JOBS_TABLE, partitions=partitions, key_type=bytes, value_type=bytes,  # raw: our JSON
             extra_topic_configs={k: v for k, v in changelog_topic_config(settings).items() if k != "cleanup.policy"},
@@ -89,6 +114,16 @@ class FerryWorker:
         self.caller = ProviderCaller(settings, transport)
         self.fetcher = RequestFetcher(settings)
         self.runner = JobRunner(self.caller, self.send_event, settings.worker_max_in_flight)
+        self.acks = OrderedAcks()
+        self._next_offset: dict[TP, int] = {}  # per request partition: the next offset to take
+        self._last_progress: dict[TP, float] = {}  # per request partition: when it last moved
+        self._catch_up_after = max(5.0, 3 * settings.worker_maintenance_interval_seconds)
+        # A key that lands in each partition, for orders about a partition rather than a job.
+        self._partition_keys = _partition_keys(partitions)
+        # Per partition: set once the events agent has applied the job events that were already
+        # in Kafka at assignment, so that no job is started again whose outcome is on its way.
+        self._events_applied: dict[int, asyncio.Event] = {}
+        self._events_backlog_end: dict[int, int] = {}
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
@@ -101,6 +136,7 @@ class FerryWorker:
         app.timer(settings.worker_maintenance_interval_seconds, name="maintenance")(self._maintain)
         self.table.on_recover(self._index_table)
         app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_partitions_assigned.connect(self._on_assigned)
         app.on_before_shutdown.connect(self._on_shutdown)
         app.page("/health")(self._health)
         app.page("/health/ready")(self._ready)
@@ -165,40 +201,113 @@ class FerryWorker:
 
     # -- agents --------------------------------------------------------------------------------
 
-    def _still_owned(self, event: faust.EventT) -> bool:
-        message = event.message
-        return (message.generation_id == self.app.consumer_generation_id
-                and message.tp in self.app.consumer.assignment())
-
     async def _take_requests(self, stream: faust.StreamT) -> None:
         async for event in stream.noack().events():
             try:
-                take = await self._take_request(event)
+                write = await self._take_request(event)
             except Exception:
                 log.exception("request at %s offset %s could not be taken", event.message.tp, event.message.offset)
-                take = True  # a request that cannot be read never will be: do not block its partition
-            if take:
-                event.ack()
+                write = None  # a request that cannot be read never will be: do not block its partition
+            if write is not DROP:
+                self.acks.ack_after(event, write)
 
-    async def _take_request(self, event: faust.EventT) -> bool:
-        """Start the job of one request event; False if the event must stay unacked."""
-        request = JobRequest.from_bytes(event.value)
-        state = self.get(request.id)
-        if (state is not None and state.status.is_terminal) or request.id in self.runner.in_flight:
-            return True
+    async def _take_request(self, event: faust.EventT):
+        """Start the job of one request event.
+
+        Returns the changelog write to await before acking the event, None to ack it at once,
+        or DROP to leave it unacked (its partition was revoked: the new owner reads it).
+        """
+        skipped_writes = await self._take_skipped(event)
+        write = await self._take(JobRequest.from_bytes(event.value), event.message)
+        writes = [w for w in (*skipped_writes, write) if w is not None]
+        if write is DROP or not writes:
+            return write
+        return writes[0] if len(writes) == 1 else asyncio.gather(*writes)
+
+    async def _take_skipped(self, event: faust.EventT) -> list:
+        """Take the requests Faust skipped before this event in its partition, if any.
+
+        Faust drops (and acks) records it fetched while its flow control was paused or under an
+        older generation, and relies on seeking back; we have seen the first record of a
+        partition lost that way. Request offsets have no gaps, so any offset between where this
+        assignment started (or the last event taken) and this event was skipped: read it again
+        and take it here, inside this event's iteration (same partition, same table partition).
+        """
         message = event.message
-        location = RequestLocation(topic=message.topic, partition=message.partition, offset=message.offset)
+        expected = self._next_offset.get(message.tp)
+        self._next_offset[message.tp] = message.offset + 1
+        self._last_progress[message.tp] = time.monotonic()
+        if expected is None or message.offset <= expected:
+            return []
+        log.warning("%s: offsets %d..%d were skipped by the stream; taking them now",
+                    message.tp, expected, message.offset - 1)
+        return await self._take_range(message.tp, expected, message.offset)
+
+    async def _take_range(self, tp: TP, start: int, end: int, wait_events: bool = True) -> list:
+        """Read offsets [start, end) of a request partition from Kafka and take each request."""
+        writes = []
+        for offset in range(start, end):
+            location = RequestLocation(topic=tp.topic, partition=tp.partition, offset=offset)
+            try:
+                write = await self._take(await self.fetcher.fetch(location), location, wait_events)
+            except Exception:
+                log.exception("skipped request at %s offset %d could not be taken", tp, offset)
+                continue
+            if write is DROP:
+                break
+            if write is not None:
+                writes.append(write)
+        return writes
+
+    def _stalled_request_partitions(self) -> set[int]:
+        """Partitions whose request stream has taken nothing for a while although slots are free.
+
+        The stream can skip the last records of a partition too (see _take_skipped), and then
+        no later event comes to reveal the gap; the maintenance timer orders a catch-up.
+        """
+        if self.runner.full or self.app.rebalancing:
+            return set()
+        now = time.monotonic()
+        return {tp.partition for tp in self._next_offset
+                if now - self._last_progress.get(tp, now) > self._catch_up_after}
+
+    async def _catch_up(self, partition: int) -> None:
+        """Take what the request stream has not delivered of this partition (events agent)."""
+        tps = [tp for tp in self._next_offset if tp.partition == partition]
+        if not tps:
+            return
+        ends = await self.fetcher.end_offsets(tps)
+        for tp in tps:
+            start, end = self._next_offset[tp], ends[tp]
+            self._last_progress[tp] = time.monotonic()
+            if start < end:
+                log.warning("%s: offsets %d..%d were not delivered by the stream; taking them now",
+                            tp, start, end - 1)
+                self._next_offset[tp] = end
+                await self._take_range(tp, start, end, wait_events=False)
+
+    async def _take(self, request: JobRequest, where, wait_events: bool = True):
+        """Start a job from its request (``where``: its message or location); see _take_request."""
+        if wait_events:
+            await self._wait_events_applied(where.partition)
+        state = self.get(request.id)
+        if (state is not None and state.status.is_terminal) or self.runner.busy_with(request.id):
+            return None
+        location = RequestLocation(topic=where.topic, partition=where.partition, offset=where.offset)
         state = state or JobState.pending(request)
         if state.attempts >= self.settings.job_max_attempts:
             await self._give_up(state, request, location)
-            return True
+            return self.table.last_write
         if not await self.runner.wait_for_slot():
-            return False
-        if not self._still_owned(event):
+            return DROP  # stopping: the agent acks nothing from here on
+        if self.runner.busy_with(request.id):  # taken by the other agent while this one waited
             self.runner.release_slot()
-            return False
+            return None
+        # If the partition was revoked while this event waited for a slot, the job is started
+        # anyway: leaving an event unacked while later ones are acked lets Faust commit past
+        # it (see workers/acks.py), and the new owner at worst repeats the call.
         self._start(state.processing(location), request)
-        return True
+        return self.table.last_write
 
     def _start(self, state: JobState, request: JobRequest) -> None:
         if state.attempts > 1:
@@ -223,15 +332,42 @@ class FerryWorker:
         self._put(state.finished(Outcome(status_code=500, error=error)))
 
     async def _apply_job_events(self, stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        # Acked like requests, once their table write is in Kafka: a lost terminal write would
+        # make the next owner call the provider again.
+        async for event in stream.noack().events():
+            self.table.last_write = None
             try:
                 await self._apply(JobEvent.from_bytes(event.value))
             except Exception:
                 log.exception("job event at %s offset %s could not be applied", event.message.tp, event.message.offset)
+            self.acks.ack_after(event, self.table.last_write)
+            partition = event.message.partition
+            if event.message.offset + 1 >= self._events_backlog_end.get(partition, 0):
+                self._events_ready(partition).set()
+
+    async def _wait_events_applied(self, partition: int) -> None:
+        """Bounded: the stream may skip the last events of the backlog (see _take_skipped), and
+        waiting for them forever would stop the partition; at worst a call is made twice."""
+        ready = self._events_ready(partition)
+        try:
+            await asyncio.wait_for(ready.wait(), EVENTS_CATCH_UP_SECONDS)
+        except TimeoutError:
+            log.warning("partition %d: job events not caught up after %.0f s; going on", partition,
+                        EVENTS_CATCH_UP_SECONDS)
+            ready.set()
+
+    def _events_ready(self, partition: int) -> asyncio.Event:
+        if partition not in self._events_applied:
+            self._events_applied[partition] = asyncio.Event()
+            self._events_applied[partition].set()
+        return self._events_applied[partition]
 
     async def _apply(self, event: JobEvent) -> None:
         state = self.get(event.id)
-        if event.kind == "outcome":
+        if event.kind == "catch_up":
+            await self._catch_up(partition_for(event.id, self.settings.topic_partitions))
+        elif event.kind == "outcome":
+            self.runner.finishing.discard(event.id)
             if state is None:
                 return  # expired and deleted, or never known: nothing to finish
             if state.status.is_terminal:
@@ -245,7 +381,9 @@ class FerryWorker:
             if state is not None and state.is_expired():
                 del self.table[event.id.encode()]
         elif event.kind == "resume":
-            if state is not None and state.status is JobStatus.processing and event.id not in self.runner.in_flight:
+            # Only if nobody started the job since the order was given: orders repeat every tick.
+            if (state is not None and state.status is JobStatus.processing and state.attempts == event.attempts
+                    and not self.runner.busy_with(event.id)):
                 await self._resume(state)
 
     async def _resume(self, state: JobState) -> None:
@@ -280,13 +418,44 @@ class FerryWorker:
 
     async def _on_revoked(self, sender, revoked: set[TP], **kwargs) -> None:
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
+        self.acks.forget(revoked)
+        self._next_offset.clear()
+        self._last_progress.clear()
+        self.runner.finishing.clear()
+
+    async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
+        """Note where each request partition starts, to see what the stream skips."""
+        names = set(request_topics(self.settings))
+        partitions = [tp for tp in assigned if tp.topic in names]
+        if partitions:
+            starts = await self.fetcher.start_offsets(self.settings.app_id, partitions)
+            self._next_offset.update({TP(tp.topic, tp.partition): offset for tp, offset in starts.items()})
+            now = time.monotonic()
+            self._last_progress.update({TP(tp.topic, tp.partition): now for tp in partitions})
+        events = [tp for tp in assigned if tp.topic == job_events_topic(self.settings)]
+        if events:
+            starts = await self.fetcher.start_offsets(self.settings.app_id, events)
+            ends = await self.fetcher.end_offsets(events)
+            for tp in events:
+                ready = self._events_ready(tp.partition)
+                self._events_backlog_end[tp.partition] = ends[tp]
+                if starts[tp] < ends[tp]:
+                    ready.clear()
 
     async def _maintain(self) -> None:
         if self.app.rebalancing:
             return
         now = utcnow()
+        orders = []
         while self._expiries and self._expiries[0][0] <= now:
             _, job_id = heapq.heappop(self._expiries)
-            await self.send_event(JobEvent(id=job_id, kind="expire"))
-        for job_id in list(self._processing - self.runner.in_flight.keys()):
-            await self.send_event(JobEvent(id=job_id, kind="resume"))
+            orders.append(JobEvent(id=job_id, kind="expire"))
+        for job_id in self._processing - self.runner.in_flight.keys() - self.runner.finishing:
+            if not self._events_ready(partition_for(job_id, self.settings.topic_partitions)).is_set():
+                continue
+            state = self.get(job_id)
+            if state is not None and state.status is JobStatus.processing:
+                orders.append(JobEvent(id=job_id, kind="resume", attempts=state.attempts))
+        for partition in self._stalled_request_partitions():
+            orders.append(JobEvent(id=self._partition_keys[partition], kind="catch_up"))
+        await asyncio.gather(*(self.send_event(order) for order in orders))

@@ -79,6 +79,8 @@ class ProviderCaller:
         self._limits: dict[str, ProviderLimits] = {}
 
     async def start(self) -> None:
+        if self._client is not None:
+            return
         limits = httpx.Limits(max_connections=self._settings.http_max_connections,
                               max_keepalive_connections=self._settings.http_max_connections,
                               keepalive_expiry=30.0)
@@ -137,6 +139,8 @@ class ProviderCaller:
             return Attempt(Outcome(status_code=400, error=error), try_next=True)
         adapter = ADAPTERS[endpoint.family]
         http_request = adapter.build_request(endpoint, rtype, target.model, request.body)
+        if self._client is None:
+            await self.start()  # agents may take jobs before the worker's services have started
         try:
             async with self._limits_for(endpoint).call_slot():
                 reply = await self._client.request(

@@ -1,7 +1,8 @@
-"""Reading one job's request again from its request topic, by partition and offset.
+"""Reading requests again from their request topic, by partition and offset.
 
 Used when a worker resumes a job that another worker had started (it is ``processing`` in the
-table, but nobody here runs it): the table keeps where the request sits, not the request.
+table, but nobody here runs it: the table keeps where the request sits, not the request), and
+when Faust skipped request records that the worker must still take (see ``workers/app.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from app.jobs import JobRequest, RequestLocation
 from app.settings import Settings
@@ -26,6 +28,8 @@ class RequestFetcher:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self._consumer is not None:
+            return
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.require_bootstrap_servers(),
             client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
@@ -39,9 +43,31 @@ class RequestFetcher:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
 
+    async def start_offsets(self, group_id: str, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where ``group_id`` resumes each partition: its committed offset, else the log start."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.require_bootstrap_servers())
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        finally:
+            await admin.close()
+        offsets = {tp: meta.offset for tp, meta in committed.items() if meta is not None and meta.offset >= 0}
+        missing = [tp for tp in partitions if tp not in offsets]
+        if missing:
+            async with self._lock:
+                await self.start()
+                offsets.update(await self._consumer.beginning_offsets(missing))
+        return offsets
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        async with self._lock:
+            await self.start()
+            return await self._consumer.end_offsets(partitions)
+
     async def fetch(self, location: RequestLocation, timeout: float = 10.0) -> JobRequest:
         tp = TopicPartition(location.topic, location.partition)
         async with self._lock:  # one consumer, one position: fetches take turns
+            await self.start()  # a resume may come before the worker's services have started
             self._consumer.assign([tp])
             self._consumer.seek(tp, location.offset)
             async with asyncio.timeout(timeout):

@@ -35,6 +35,12 @@ class JobRunner:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._stopping = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task] = {}
+        # Calls that ended and whose outcome is on its way to the table: not to be started again.
+        self.finishing: set[str] = set()
+
+    @property
+    def full(self) -> bool:
+        return self._slots.locked()
 
     @property
     def stopping(self) -> bool:
@@ -76,9 +82,14 @@ class JobRunner:
                                       None, request.request_type)
                 outcome = Outcome(status_code=500, error=error)
             await self._deliver(JobEvent(id=request.id, kind="outcome", outcome=outcome))
+            self.finishing.add(request.id)
         finally:
             self.in_flight.pop(request.id, None)
             self._slots.release()
+
+    def busy_with(self, job_id: str) -> bool:
+        """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
+        return job_id in self.in_flight or job_id in self.finishing
 
     async def _report_retry(self, request: JobRequest, retry: RetryInfo) -> None:
         # Informational: a report that Kafka cannot take at once is dropped, the retry goes on.

@@ -21,7 +21,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -47,6 +47,7 @@ class ReceivedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    received_at: float  # time.monotonic()
 
 
 @dataclass
@@ -58,6 +59,7 @@ class FakeOpenAI:
     fail_next: list[tuple[int, float | None]] = field(default_factory=list)  # (status, retry_after)
     requests: deque = field(default_factory=lambda: deque(maxlen=100_000))
     calls: int = 0
+    on_request: Callable[[dict[str, Any]], None] | None = None  # a test's hook, called on arrival
     _runner: web.AppRunner | None = None
     port: int | None = None
     _ids: itertools.count = field(default_factory=itertools.count)
@@ -101,7 +103,9 @@ class FakeOpenAI:
             body = await request.json()
         except ValueError:
             return self._error(400, message="We could not parse the JSON body of your request.")
-        self.requests.append(ReceivedRequest(request.path, dict(request.headers), body))
+        self.requests.append(ReceivedRequest(request.path, dict(request.headers), body, time.monotonic()))
+        if self.on_request is not None:
+            self.on_request(body)
         directives = body.get("x_fake") or {}
         latency = float(directives.get("latency", self.latency))
         if latency:

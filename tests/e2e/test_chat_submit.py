@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 
 import aiohttp
 import pytest
@@ -15,8 +11,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from app.jobs import RequestType
 from app.settings import Settings
 from app.topics import changelog_topic, partition_for, request_topic
-from tests.conftest import PROVIDER_KEY, wait_until
+from tests.conftest import wait_until
 from tests.e2e.test_chat import CHAT, poll_until_done, submit
+from tests.processes import FerryProcess, free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -146,29 +143,11 @@ async def test_job_belongs_to_its_service_key(api, worker) -> None:
     assert right.status in (200, 202)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env_for(settings: Settings, port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "FERRY_APP_ID": settings.app_id, "FERRY_TOPIC_PREFIX": settings.topic_prefix,
-        "FERRY_TOPIC_PARTITIONS": str(settings.topic_partitions), "FERRY_API_PORT": str(port),
-        "FERRY_PROVIDERS": f'{{"openai": {{"base_url": "{settings.provider_endpoints["openai"].base_url}", '
-                           f'"api_key": "{PROVIDER_KEY}"}}}}',
-        "FERRY_LOG_LEVEL": "WARNING",
-    }
-
-
 @pytest.fixture
-async def second_api(ferry_settings):
+async def second_api(ferry_settings, tmp_path):
     """Another API process (``python -m api``) over the same topics."""
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "api"], env=_env_for(ferry_settings, port))
+    port = free_port()
+    process = FerryProcess("api", ferry_settings, tmp_path / "api", FERRY_API_PORT=str(port)).start()
     session = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
 
     async def ready():
@@ -183,7 +162,6 @@ async def second_api(ferry_settings):
     finally:
         await session.close()
         process.terminate()
-        process.wait(30)
 
 
 @pytest.mark.timeout(180)

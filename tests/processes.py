@@ -1,0 +1,72 @@
+"""Ferry processes started the way operators start them (``python -m ...``), for tests that
+kill them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from app.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process build these same settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FERRY_")}
+    for name, value in settings.model_dump(exclude={"providers", "kafka_bootstrap_servers"}).items():
+        env[f"FERRY_{name.upper()}"] = str(value)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
+    providers = {
+        name: {key: (value.get_secret_value() if isinstance(value, SecretStr) else value)
+               for key, value in config if value is not None}
+        for name, config in settings.providers.items()
+    }
+    env["FERRY_PROVIDERS"] = json.dumps(providers)
+    env.update(extra)
+    return env
+
+
+class FerryProcess:
+    """``python -m <module>`` with these settings; killed or stopped by the test."""
+
+    def __init__(self, module: str, settings: Settings, workdir: Path, **extra_env: str) -> None:
+        self.module = module
+        self.web_port = free_port()
+        self.env = settings_env(settings, FERRY_WORKER_WEB_PORT=str(self.web_port),
+                                FERRY_WORKER_DATA_DIR=str(workdir / "faust"), FERRY_LOG_LEVEL="WARNING",
+                                **extra_env)
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "FerryProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / f"{self.module}.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed, nothing committed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            return self.process.wait(timeout)
+        return self.process.returncode if self.process else 0
