@@ -32,6 +32,10 @@ from app.topics import changelog_topic, partition_for
 log = logging.getLogger(__name__)
 
 
+class ViewUnavailable(Exception):
+    """The view could not catch up with Kafka in time: whether the job exists is unknown."""
+
+
 class JobReadModel:
     """Owns one consumer over the changelog and the in-memory states it feeds."""
 
@@ -103,6 +107,10 @@ class JobReadModel:
             self._progress.set()
             self._progress = asyncio.Event()
 
+    def remember(self, state: JobState) -> None:
+        """Apply a write this process made and Kafka acknowledged, before it comes back around."""
+        self._apply(state.id, state.to_bytes())
+
     def _apply(self, job_id: str, value: bytes | None) -> None:
         if value is None:
             self._states.pop(job_id, None)
@@ -117,16 +125,24 @@ class JobReadModel:
         return JobState.from_bytes(entry[1]) if entry else None
 
     async def lookup(self, job_id: str) -> JobState | None:
-        """The job's state; for an id not known yet, first catch up to the partition's end."""
+        """The job's state; for an id not known yet, first catch up to the partition's end.
+
+        Raises ``ViewUnavailable`` when that catch-up fails (Kafka away): a 404 then could be
+        wrong about a job another replica accepted moments ago.
+        """
         state = self.get(job_id)
-        if state is not None or self._consumer is None or self._settings.read_wait_seconds == 0:
+        if state is not None or self._settings.read_wait_seconds == 0:
             return state
+        if self._consumer is None:
+            raise ViewUnavailable("not connected to Kafka yet")
         tp = TopicPartition(self._topic, partition_for(job_id, self._settings.topic_partitions))
         try:
             async with asyncio.timeout(self._settings.read_wait_seconds):
                 end = (await self._consumer.end_offsets([tp]))[tp]
                 while self._positions.get(tp, 0) < end:
                     await self._progress.wait()
-        except (TimeoutError, KafkaError):
-            pass
+        except (TimeoutError, KafkaError) as exc:
+            state = self.get(job_id)
+            if state is None:
+                raise ViewUnavailable(type(exc).__name__) from exc
         return self.get(job_id)

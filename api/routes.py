@@ -10,9 +10,9 @@ from aiohttp import web
 from api.errors import ApiError, not_found, unavailable
 from api.keys import service_key
 from api.publisher import JobPublisher, PublishUnavailable
-from api.read_model import JobReadModel
+from api.read_model import JobReadModel, ViewUnavailable
 from api.validation import JSON_RULES, TTL_HEADER, check_no_webhook, result_ttl_seconds, validate_json_submit
-from app.jobs import JobRequest, RequestType, key_fingerprint, rfc3339, utcnow
+from app.jobs import JobRequest, JobState, RequestType, key_fingerprint, rfc3339, utcnow
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def submit_handler(request_type: RequestType):
             log.warning("submit refused, Kafka unavailable: %s", exc)
             raise unavailable("the job could not be queued: Kafka is unavailable, retry later",
                               PUBLISH_RETRY_AFTER_SECONDS) from None
+        # This replica answers for the job at once, even if Kafka goes away before the pending
+        # record comes back through the changelog.
+        request.app[READ_MODEL].remember(JobState.pending(job))
         return web.json_response({"id": job.id, "status": "pending", "created_at": rfc3339(job.created_at)},
                                  status=202)
 
@@ -75,7 +78,12 @@ def poll_handler(request_type: RequestType):
             uuid.UUID(job_id)
         except ValueError:
             raise not_found() from None
-        state = await request.app[READ_MODEL].lookup(job_id)
+        try:
+            state = await request.app[READ_MODEL].lookup(job_id)
+        except ViewUnavailable as exc:
+            log.warning("poll of an unknown id while the table view cannot catch up: %s", exc)
+            raise unavailable("the job's state cannot be read right now: Kafka is unavailable, retry later",
+                              PUBLISH_RETRY_AFTER_SECONDS) from None
         if state is None or state.is_expired():
             raise not_found()
         if state.request_type is not request_type:

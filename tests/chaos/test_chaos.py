@@ -248,3 +248,4 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     assert json.loads(record.value)["body"]["messages"][-1]["content"] == "poison"
     assert final[JobStatus.completed] == 20
     assert len(workers) == 3  # two crashed, the third gave up on the job
+

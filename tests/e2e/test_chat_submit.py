@@ -209,9 +209,12 @@ async def test_broker_down_at_submit_is_503_and_polls_still_answer(private_broke
             error = await response.json()
             assert error["is_bifrost_error"] is True and error["status_code"] == 503
             assert "Kafka is unavailable" in error["error"]["message"]
-        # Polls are answered from the API's own view while the broker is away.
+        # Polls are answered from the API's own view while the broker is away; an id the view
+        # cannot vouch for is 503, not a 404 that might be wrong.
         response = await api.get(f"{CHAT}/{accepted['id']}")
         assert response.status == 202 and (await response.json())["id"] == accepted["id"]
+        unknown = await api.get(f"{CHAT}/00000000-0000-4000-8000-000000000000")
+        assert unknown.status == 503 and unknown.headers["Retry-After"] == "1"
 
         private_broker.start()
 
