@@ -11,7 +11,8 @@ from api.errors import ApiError, not_found, unavailable
 from api.keys import service_key
 from api.publisher import JobPublisher, PublishUnavailable
 from api.read_model import JobReadModel, ViewUnavailable
-from api.validation import JSON_RULES, TTL_HEADER, check_no_webhook, result_ttl_seconds, validate_json_submit
+from api.validation import (FORM_RULES, JSON_RULES, TTL_HEADER, Submission, check_no_webhook, read_form,
+                            result_ttl_seconds, validate_form_submit, validate_json_submit)
 from app.jobs import JobRequest, JobState, RequestType, key_fingerprint, rfc3339, utcnow
 from app.settings import Settings
 
@@ -43,8 +44,7 @@ def submit_handler(request_type: RequestType):
     async def submit(request: web.Request) -> web.Response:
         settings = request.app[SETTINGS]
         check_no_webhook(request.headers.get("x-bf-async-webhook"))
-        raw = await request.read()  # aiohttp enforces max_request_bytes (413)
-        submission = validate_json_submit(raw, request_type, settings.provider_endpoints)
+        submission = await _read_submission(request, request_type, settings)
         key = service_key(request)
         job = JobRequest(
             id=str(uuid.uuid4()),
@@ -54,6 +54,7 @@ def submit_handler(request_type: RequestType):
                                            settings.max_result_ttl_seconds),
             targets=submission.targets,
             body=submission.body,
+            files=list(submission.files),
             owner=key_fingerprint(key) if key else None,
         )
         try:
@@ -69,6 +70,28 @@ def submit_handler(request_type: RequestType):
                                  status=202)
 
     return submit
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body too large: the limit is {limit} bytes", error_type="request_too_large")
+
+
+async def _read_submission(request: web.Request, request_type: RequestType, settings: Settings) -> Submission:
+    endpoints = settings.provider_endpoints
+    if request_type in FORM_RULES:
+        limit = settings.max_upload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        form = await read_form(request, request_type, limit)
+        return validate_form_submit(form, request_type, endpoints)
+    # The app admits uploads' larger bodies; a JSON body has its own, smaller limit.
+    limit = settings.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    raw = await request.read()
+    if len(raw) > limit:
+        raise _too_large(limit)
+    return validate_json_submit(raw, request_type, endpoints)
 
 
 def poll_handler(request_type: RequestType):
@@ -100,9 +123,9 @@ def poll_handler(request_type: RequestType):
 
 
 def add_job_routes(api: web.Application) -> None:
+    assert set(JSON_RULES) | set(FORM_RULES) == set(PATHS), "every request type needs its submit rules"
     for request_type, path in PATHS.items():
-        if request_type in JSON_RULES:
-            api.router.add_post(f"/v1/async/{path}", submit_handler(request_type))
+        api.router.add_post(f"/v1/async/{path}", submit_handler(request_type))
         api.router.add_get(f"/v1/async/{path}/{{job_id}}", poll_handler(request_type))
 
 

@@ -35,7 +35,8 @@ async def _lifecycle(api: web.Application):
 
 
 def create_api(settings: Settings) -> web.Application:
-    api = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
+    api = web.Application(client_max_size=max(settings.max_request_bytes, settings.max_upload_bytes),
+                           middlewares=[error_middleware])
     api[SETTINGS] = settings
     api[PUBLISHER] = JobPublisher(settings)
     api[READ_MODEL] = JobReadModel(settings)

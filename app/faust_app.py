@@ -7,6 +7,7 @@ import os
 import faust
 
 from app.settings import Settings
+from app.topics import max_message_bytes
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -31,6 +32,9 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=settings.kafka_session_timeout_seconds / 4,
+        # Multipart requests carry their files, and speech results their audio: the worker
+        # writes records up to the topics' max.message.bytes (the dead letter, the changelog).
+        producer_max_request_size=max_message_bytes(settings),
     )
     options.update(overrides)
     return faust.App(settings.app_id, **options)

@@ -126,6 +126,18 @@ class Target(BaseModel):
         return f"{self.provider}/{self.model}"
 
 
+class UploadedFile(BaseModel):
+    """A file part of a multipart submit (audio, image, mask); its bytes travel in the record."""
+
+    # Base64 in JSON: the request record stays one JSON document, at 4/3 of the file's size.
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    field: str  # the form field it came in: file, image, image[], mask
+    filename: str
+    content_type: str
+    data: bytes = Field(repr=False)
+
+
 class JobRequest(_Record):
     """An accepted request, as published to its request topic."""
 
@@ -134,7 +146,8 @@ class JobRequest(_Record):
     created_at: datetime
     ttl_seconds: int
     targets: list[Target]  # the primary first, then the fallbacks in order
-    body: dict[str, Any]  # the client's body, untouched but for model and fallbacks
+    body: dict[str, Any]  # the client's body (or form fields), untouched but for model and fallbacks
+    files: list[UploadedFile] = Field(default_factory=list)  # multipart submits only
     owner: str | None = None  # key_fingerprint of the submitting service key
 
 

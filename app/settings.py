@@ -13,7 +13,8 @@ import os
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.providers import CATALOGUE, CUSTOM_FAMILY, ProviderEndpoint
+from app.jobs import RequestType
+from app.providers import CATALOGUE, CUSTOM_FAMILY, CUSTOM_TYPES, ProviderEndpoint
 
 
 class ProviderConfig(BaseModel):
@@ -27,6 +28,10 @@ class ProviderConfig(BaseModel):
     timeout_seconds: float | None = Field(None, gt=0)
     max_concurrency: int | None = Field(None, ge=1, description="Calls at once, per worker.")
     requests_per_minute: int | None = Field(None, ge=1, description="Call starts per minute, per worker.")
+    api_version: str | None = Field(None, description="Azure only: the api-version query parameter.")
+    request_types: list[RequestType] | None = Field(
+        None, description="What the provider serves, replacing the catalogue's list (a vLLM that reranks)."
+    )
     enabled: bool = True
 
 
@@ -64,6 +69,14 @@ class Settings(BaseSettings):
     read_wait_seconds: float = Field(
         2.0, ge=0, description="How long a poll of an unknown id waits for the API's view of "
         "the jobs table to catch up before answering 404."
+    )
+    max_upload_bytes: int = Field(
+        26 * 1024 * 1024, ge=1024, description="Largest accepted multipart submit (audio, images); "
+        "larger is 413. The default admits OpenAI's 25 MB audio limit plus the form's overhead."
+    )
+    max_result_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest job result stored (speech audio is base64 "
+        "in it); a provider answer that would exceed it fails the job with 502."
     )
     default_result_ttl_seconds: int = Field(3600, ge=1, description="Result TTL by default.")
     max_result_ttl_seconds: int = Field(
@@ -160,6 +173,8 @@ def _resolve_endpoints(configs: dict[str, ProviderConfig], default_timeout: floa
             timeout_seconds=config.timeout_seconds or default_timeout,
             max_concurrency=config.max_concurrency,
             requests_per_minute=config.requests_per_minute,
-            request_types=spec.request_types if spec else CATALOGUE["openai"].request_types,
+            request_types=frozenset(config.request_types) if config.request_types is not None
+            else spec.request_types if spec else CUSTOM_TYPES,
+            api_version=config.api_version,
         )
     return endpoints

@@ -59,17 +59,33 @@ def partition_for(job_id: str, partitions: int) -> int:
     return (murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+def max_request_message_bytes(settings: Settings) -> int:
+    """The largest request record: a JSON body, or a multipart form with its files in base64."""
+    largest_upload = -(-settings.max_upload_bytes * 4 // 3)
+    return max(settings.max_request_bytes, largest_upload) + MESSAGE_HEADROOM_BYTES
+
+
+def max_state_message_bytes(settings: Settings) -> int:
+    """The largest job state or job event: a stored result plus the job's envelope."""
+    return settings.max_result_bytes + MESSAGE_HEADROOM_BYTES
+
+
 def max_message_bytes(settings: Settings) -> int:
-    return settings.max_request_bytes + MESSAGE_HEADROOM_BYTES
+    """The largest record any Ferry topic holds: what producers and consumers must allow."""
+    return max(max_request_message_bytes(settings), max_state_message_bytes(settings))
 
 
 def request_topic_config(settings: Settings) -> dict[str, str]:
-    return {"max.message.bytes": str(max_message_bytes(settings))}
+    return {"max.message.bytes": str(max_request_message_bytes(settings))}
+
+
+def events_topic_config(settings: Settings) -> dict[str, str]:
+    return {"max.message.bytes": str(max_state_message_bytes(settings))}
 
 
 def changelog_topic_config(settings: Settings) -> dict[str, str]:
     # Compacted: the latest state of each job survives; a tombstone deletes an expired job.
-    return {"cleanup.policy": "compact", "max.message.bytes": str(max_message_bytes(settings))}
+    return {"cleanup.policy": "compact", "max.message.bytes": str(max_state_message_bytes(settings))}
 
 
 async def declare_topics(settings: Settings) -> None:
@@ -77,7 +93,9 @@ async def declare_topics(settings: Settings) -> None:
     partition count (co-partitioning depends on it). Safe to call from every process at start."""
     wanted = [NewTopic(name, settings.topic_partitions, settings.topic_replication_factor,
                        topic_configs=request_topic_config(settings))
-              for name in [*request_topics(settings), job_events_topic(settings), dead_letter_topic(settings)]]
+              for name in [*request_topics(settings), dead_letter_topic(settings)]]
+    wanted.append(NewTopic(job_events_topic(settings), settings.topic_partitions,
+                           settings.topic_replication_factor, topic_configs=events_topic_config(settings)))
     wanted.append(NewTopic(changelog_topic(settings), settings.topic_partitions,
                            settings.topic_replication_factor, topic_configs=changelog_topic_config(settings)))
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_bootstrap_servers())

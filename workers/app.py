@@ -425,6 +425,8 @@ class FerryWorker:
 
     async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
         """Note where each request partition starts, to see what the stream skips."""
+        if self.runner.stopping:
+            return  # a stopping worker takes nothing more; its fetcher may already be closed
         names = set(request_topics(self.settings))
         partitions = [tp for tp in assigned if tp.topic in names]
         if partitions:

@@ -13,6 +13,11 @@ Errors, and who they are blamed on (``is_bifrost_error``):
     provider timed out           -> 504 "provider request timed out" (True)
     provider unreachable         -> 502 "could not reach provider"   (True)
     provider 2xx, unreadable     -> 502 "unreadable provider response" (True)
+    result over max_result_bytes -> 502 "provider result too large"    (True)
+    request the API can't express-> 400 the adapter's reason          (True)
+
+A result carries ``extra_fields`` (provider, model_requested, request_type) saying which target
+served it, as an error does.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
 import httpx
+import orjson
 
 from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType, RetryInfo, Target, utcnow
 from app.providers import ProviderEndpoint
 from app.settings import Settings
 from workers.limits import ProviderLimits
 from workers.providers import ADAPTERS
-from workers.providers.base import HttpResponse, ProviderFailure
+from workers.providers.base import HttpResponse, ProviderFailure, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +129,21 @@ class ProviderCaller:
             await asyncio.sleep(delay)
             call += 1
 
+    def _success(self, adapter, response: HttpResponse, target: Target, request: JobRequest) -> Attempt:
+        rtype = request.request_type
+        try:
+            result = adapter.parse_result(rtype, response, model=target.model, body=request.body)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            error = service_error(502, "unreadable provider response", "provider_response_error", target, rtype)
+            return Attempt(Outcome(status_code=502, error=error), try_next=True)
+        # Most results are small; only a large answer is measured against the stored maximum.
+        if len(response.body) * 2 > self._settings.max_result_bytes and \
+                len(orjson.dumps(result)) > self._settings.max_result_bytes:
+            error = service_error(502, f"provider result too large: over {self._settings.max_result_bytes} bytes "
+                                  "(FERRY_MAX_RESULT_BYTES)", "provider_response_error", target, rtype)
+            return Attempt(Outcome(status_code=502, error=error), try_next=True)
+        return Attempt(Outcome(status_code=200, result={**result, "extra_fields": _extra_fields(target, rtype)}))
+
     def _limits_for(self, endpoint: ProviderEndpoint) -> ProviderLimits:
         if endpoint.name not in self._limits:
             self._limits[endpoint.name] = ProviderLimits(endpoint)
@@ -138,13 +159,21 @@ class ProviderCaller:
                                   "invalid_request_error", target, rtype)
             return Attempt(Outcome(status_code=400, error=error), try_next=True)
         adapter = ADAPTERS[endpoint.family]
-        http_request = adapter.build_request(endpoint, rtype, target.model, request.body)
+        try:
+            http_request = adapter.build_request(endpoint, rtype, target.model, request.body, request.files)
+        except (UnsupportedRequest, KeyError, TypeError, AttributeError) as exc:
+            # A body the provider's API cannot express; another provider might.
+            message = str(exc) if isinstance(exc, UnsupportedRequest) else \
+                f"the request cannot be translated for {target.provider}: {type(exc).__name__}: {exc}"
+            error = service_error(400, message, "invalid_request_error", target, rtype)
+            return Attempt(Outcome(status_code=400, error=error), try_next=True)
         if self._client is None:
             await self.start()  # agents may take jobs before the worker's services have started
         try:
             async with self._limits_for(endpoint).call_slot():
                 reply = await self._client.request(
                     http_request.method, http_request.url, headers=http_request.headers, json=http_request.json,
+                    data=http_request.data, files=http_request.files,
                     timeout=httpx.Timeout(endpoint.timeout_seconds,
                                           connect=self._settings.http_connect_timeout_seconds),
                 )
@@ -157,11 +186,7 @@ class ProviderCaller:
             return Attempt(Outcome(status_code=502, error=error), retry_same=True, try_next=True)
         response = HttpResponse(reply.status_code, reply.headers, reply.content)
         if 200 <= reply.status_code < 300:
-            try:
-                return Attempt(Outcome(status_code=200, result=adapter.parse_result(rtype, response)))
-            except ValueError:
-                error = service_error(502, "unreadable provider response", "provider_response_error", target, rtype)
-                return Attempt(Outcome(status_code=502, error=error), try_next=True)
+            return self._success(adapter, response, target, request)
         failure = adapter.parse_failure(response)
         return Attempt(Outcome(status_code=failure.status_code, error=provider_error(failure, target, rtype)),
                        retry_same=failure.retryable, try_next=failure.retryable,

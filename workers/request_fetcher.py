@@ -26,17 +26,24 @@ class RequestFetcher:
         self._settings = settings
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._consumer is not None:
-            return
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.require_bootstrap_servers(),
-            client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest",  # a deleted offset then reads as the next one: RequestGone
-            max_partition_fetch_bytes=max_message_bytes(self._settings),
-        )
-        await self._consumer.start()
+        # The worker's start-up and a first rebalance may both get here: one consumer, and
+        # nobody uses it before it has started.
+        async with self._start_lock:
+            if self._consumer is not None:
+                return
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._settings.require_bootstrap_servers(),
+                client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest",  # a deleted offset then reads as the next one: RequestGone
+                max_partition_fetch_bytes=max_message_bytes(self._settings),
+                # An offsets lookup cut off by the worker stopping gives up after this, not 40 s.
+                request_timeout_ms=10_000,
+            )
+            await consumer.start()
+            self._consumer = consumer
 
     async def stop(self) -> None:
         if self._consumer is not None:

@@ -1,13 +1,19 @@
-"""A fake OpenAI-compatible server on loopback, for the tests and for trying Ferry without a key.
+"""Fake OpenAI-family servers on loopback: OpenAI itself, Azure OpenAI, and Mistral (with OCR).
 
-It speaks OpenAI's wire format: ``POST /v1/chat/completions`` with ``Authorization: Bearer``,
-answering a real ``chat.completion`` object, or OpenAI's error bodies
-(``{"error": {"message", "type", "param", "code"}}``) with ``Retry-After`` on 429.
+``FakeOpenAI`` speaks OpenAI's wire format under ``/v1``: ``Authorization: Bearer``, every
+endpoint Ferry calls (completions, chat, responses, embeddings, audio speech and
+transcriptions, image generations, edits and variations; and ``/rerank`` as Together and vLLM
+serve it), real response objects, OpenAI's error bodies (``{"error": {"message", "type",
+"param", "code"}}``) and ``Retry-After`` on 429. Multipart endpoints record the files they got.
 
-Behaviour is controllable per server (``FakeOpenAI.latency``, ``fail_next``) and per request, by
-a body field that Ferry forwards untouched like any unknown field::
+``FakeAzureOpenAI`` serves the same under ``/openai/deployments/<deployment>/...``, wanting an
+``api-version`` query parameter and an ``api-key`` header. ``FakeMistral`` adds ``/v1/ocr`` and
+answers errors in Mistral's shape (``{"object": "error", "message", "type", "param", "code"}``).
 
-    {"model": "fake/gpt-4o-mini", "messages": [...],
+Behaviour is controllable per server (see ``deploy/fakes/base.py``) and, on JSON endpoints,
+per request by a body field that Ferry forwards untouched like any unknown field::
+
+    {"model": "openai/gpt-4o-mini", "messages": [...],
      "x_fake": {"latency": 0.5, "status": 429, "retry_after": 2}}
 
 Run it alone: ``python -m deploy.fakes.openai_server --port 8099 [--latency 0.2] [--api-key K]``.
@@ -16,14 +22,16 @@ Run it alone: ``python -m deploy.fakes.openai_server --port 8099 [--latency 0.2]
 from __future__ import annotations
 
 import argparse
-import asyncio
-import itertools
+import base64
+import hashlib
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+
+from deploy.fakes.base import FakeProvider
+from deploy.fakes.media import png_bytes, wav_bytes
 
 # OpenAI's own error bodies, by status.
 ERRORS: dict[int, dict[str, Any]] = {
@@ -41,99 +49,97 @@ ERRORS: dict[int, dict[str, Any]] = {
           "type": "server_error", "param": None, "code": None},
 }
 
+SPEECH_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
+                "wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+def tokens(value: Any) -> int:
+    return max(1, len(str(value).split()))
+
+
+def vector(text: str, dimensions: int = 8) -> list[float]:
+    """A deterministic embedding: the same text always has the same vector."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 255, 6) for byte in digest[:dimensions]]
+
 
 @dataclass
-class ReceivedRequest:
-    path: str
-    headers: dict[str, str]
-    body: dict[str, Any]
-    received_at: float  # time.monotonic()
-
-
-@dataclass
-class FakeOpenAI:
-    """The server and its knobs; ``requests`` records what it received, newest last."""
-
-    api_key: str | None = None
-    latency: float = 0.0
-    fail_next: list[tuple[int, float | None]] = field(default_factory=list)  # (status, retry_after)
-    requests: deque = field(default_factory=lambda: deque(maxlen=100_000))
-    calls: int = 0
-    on_request: Callable[[dict[str, Any]], None] | None = None  # a test's hook, called on arrival
-    _runner: web.AppRunner | None = None
-    port: int | None = None
-    _ids: itertools.count = field(default_factory=itertools.count)
+class FakeOpenAI(FakeProvider):
+    accepts_directives = True
+    # (path under /v1, handler name, required fields with OpenAI's message)
+    ROUTES = (
+        ("/completions", "_completions", ("prompt",)),
+        ("/chat/completions", "_chat_completions", ("messages",)),
+        ("/responses", "_responses", ("input",)),
+        ("/embeddings", "_embeddings", ("input",)),
+        ("/audio/speech", "_speech", ("input", "voice")),
+        ("/audio/transcriptions", "_transcriptions", ()),
+        ("/images/generations", "_image_generations", ("prompt",)),
+        ("/images/edits", "_image_edits", ("prompt",)),
+        ("/images/variations", "_image_variations", ()),
+        ("/rerank", "_rerank", ("query", "documents")),
+    )
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._chat_completions)
-        return app
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        for path, handler, required in self.ROUTES:
+            router.add_post(f"/v1{path}", self._endpoint(getattr(self, handler), required))
 
-    async def start(self, port: int = 0) -> "FakeOpenAI":
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return self
+    def authorized(self, request: web.Request) -> bool:
+        return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-
-    @staticmethod
-    def _error(status: int, retry_after: float | None = None, message: str | None = None,
-               param: str | None = None) -> web.Response:
+    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+              param: str | None = None) -> web.Response:
         error = dict(ERRORS.get(status, ERRORS[500]))
         if message:
             error["message"] = message
         if param:
             error["param"] = param
-        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-        return web.json_response({"error": error}, status=status, headers=headers)
+        return web.json_response({"error": error}, status=status, headers=self.retry_after_header(retry_after))
 
-    async def _chat_completions(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        try:
-            body = await request.json()
-        except ValueError:
-            return self._error(400, message="We could not parse the JSON body of your request.")
-        self.requests.append(ReceivedRequest(request.path, dict(request.headers), body, time.monotonic()))
-        if self.on_request is not None:
-            self.on_request(body)
-        directives = body.get("x_fake") or {}
-        latency = float(directives.get("latency", self.latency))
-        if latency:
-            await asyncio.sleep(latency)
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return self._error(401)
-        if self.fail_next:
-            status, retry_after = self.fail_next.pop(0)
-            return self._error(status, retry_after)
-        if "status" in directives:
-            return self._error(int(directives["status"]), directives.get("retry_after"))
-        if not body.get("model"):
-            return self._error(400, message="you must provide a model parameter", param="model")
-        if not body.get("messages"):
-            return self._error(400, message="'messages' is a required property", param="messages")
-        return web.json_response(self._completion(body))
+    def model_of(self, request: web.Request, body: dict[str, Any]) -> str | None:
+        return body.get("model")
 
-    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _endpoint(self, handler, required: tuple[str, ...]):
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            admission = await self.admit(request)
+            if admission.refusal is not None:
+                return admission.refusal
+            body = admission.body
+            model = self.model_of(request, body)
+            if not model:
+                return self.error(400, message="you must provide a model parameter", param="model")
+            for name in required:
+                if not body.get(name):
+                    return self.error(400, message=f"'{name}' is a required property", param=name)
+            return await handler(model, body, admission.files)
+        return endpoint
+
+    # -- the endpoints ----------------------------------------------------------------------------------
+
+    async def _completions(self, model: str, body: dict, files: dict) -> web.Response:
+        prompt_tokens = tokens(body["prompt"])
+        return web.json_response({
+            "id": f"cmpl-fake{self.next_id()}", "object": "text_completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": f"echo: {body['prompt']}", "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 2, "total_tokens": prompt_tokens + 2},
+        })
+
+    async def _chat_completions(self, model: str, body: dict, files: dict) -> web.Response:
         last = body["messages"][-1]
         prompt = last.get("content") if isinstance(last, dict) else None
         text = f"echo: {prompt}" if isinstance(prompt, str) else "echo"
-        prompt_tokens = sum(len(str(m).split()) for m in body["messages"])
-        completion_tokens = len(text.split())
-        return {
-            "id": f"chatcmpl-fake{next(self._ids)}",
+        prompt_tokens = sum(tokens(m) for m in body["messages"])
+        completion_tokens = tokens(text)
+        return web.json_response({
+            "id": f"chatcmpl-fake{self.next_id()}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body["model"],
+            "model": model,
             "system_fingerprint": "fp_fake",
             "choices": [{
                 "index": 0,
@@ -143,7 +149,160 @@ class FakeOpenAI:
             }],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
-        }
+        })
+
+    async def _responses(self, model: str, body: dict, files: dict) -> web.Response:
+        text = f"echo: {body['input']}" if isinstance(body["input"], str) else "echo"
+        number = self.next_id()
+        return web.json_response({
+            "id": f"resp_fake{number}", "object": "response", "created_at": int(time.time()),
+            "status": "completed", "model": model, "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions"), "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "temperature": 1.0, "top_p": 1.0, "metadata": {},
+            "output": [{"type": "message", "id": f"msg_fake{number}", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": {"input_tokens": tokens(body["input"]), "output_tokens": tokens(text),
+                      "total_tokens": tokens(body["input"]) + tokens(text),
+                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+        })
+
+    async def _embeddings(self, model: str, body: dict, files: dict) -> web.Response:
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        dimensions = int(body.get("dimensions") or 8)
+        used = sum(tokens(text) for text in inputs)
+        return web.json_response({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": vector(str(text), dimensions)}
+                     for i, text in enumerate(inputs)],
+            "usage": {"prompt_tokens": used, "total_tokens": used},
+        })
+
+    async def _speech(self, model: str, body: dict, files: dict) -> web.Response:
+        audio_format = body.get("response_format", "mp3")
+        if audio_format not in SPEECH_TYPES:
+            return self.error(400, message=f"Invalid value: '{audio_format}'.", param="response_format")
+        # Real audio (a WAV) whatever the format asked: the bytes are what Ferry must carry.
+        audio = wav_bytes(min(0.05 * len(body["input"]), 30.0))
+        return web.Response(body=audio, content_type=SPEECH_TYPES[audio_format])
+
+    async def _transcriptions(self, model: str, body: dict, files: dict) -> web.Response:
+        uploads = files.get("file")
+        if not uploads:
+            return self.error(400, message="'file' is a required property", param="file")
+        data = uploads[0].data
+        text = f"heard {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+        response_format = body.get("response_format", "json")
+        if response_format in ("text", "srt", "vtt"):
+            return web.Response(text=text, content_type="text/plain")
+        result: dict[str, Any] = {"text": text, "usage": {"type": "duration", "seconds": 1}}
+        if response_format == "verbose_json":
+            result |= {"task": "transcribe", "language": body.get("language", "english"), "duration": 1.0,
+                       "segments": []}
+        return web.json_response(result)
+
+    def _images(self, body: dict, source: bytes | None = None) -> web.Response:
+        count = int(body.get("n") or 1)
+        image = png_bytes(4, 4) if source is None else source
+        item = ({"url": f"https://fake.invalid/images/{self.next_id()}.png"}
+                if body.get("response_format") == "url" else {"b64_json": base64.b64encode(image).decode()})
+        return web.json_response({"created": int(time.time()), "data": [item] * count})
+
+    async def _image_generations(self, model: str, body: dict, files: dict) -> web.Response:
+        return self._images(body)
+
+    async def _image_edits(self, model: str, body: dict, files: dict) -> web.Response:
+        images = files.get("image") or files.get("image[]")
+        if not images:
+            return self.error(400, message="'image' is a required property", param="image")
+        return self._images(body, source=images[0].data)  # the "edit" gives the image back
+
+    async def _image_variations(self, model: str, body: dict, files: dict) -> web.Response:
+        if not files.get("image"):
+            return self.error(400, message="'image' is a required property", param="image")
+        return self._images(body, source=files["image"][0].data)
+
+    async def _rerank(self, model: str, body: dict, files: dict) -> web.Response:
+        """Together's and vLLM's rerank: documents scored by words shared with the query."""
+        query = set(str(body["query"]).lower().split())
+        scored = []
+        for index, document in enumerate(body["documents"]):
+            text = document if isinstance(document, str) else document.get("text", "")
+            words = set(text.lower().split())
+            scored.append({"index": index, "relevance_score": round(len(query & words) / (len(words) or 1), 6),
+                           "document": {"text": text}})
+        scored.sort(key=lambda item: -item["relevance_score"])
+        return web.json_response({"id": f"rerank-fake{self.next_id()}", "object": "rerank", "model": model,
+                                  "results": scored[: body.get("top_n") or len(scored)],
+                                  "usage": {"total_tokens": tokens(body["query"])}})
+
+
+@dataclass
+class FakeAzureOpenAI(FakeOpenAI):
+    """Azure OpenAI: deployments in the path, ``api-version`` required, ``api-key`` header."""
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        for path, handler, required in self.ROUTES:
+            if path != "/rerank":
+                router.add_post(f"/openai/deployments/{{deployment}}{path}",
+                                self._with_version(self._endpoint(getattr(self, handler), required)))
+
+    def _with_version(self, endpoint):
+        async def versioned(request: web.Request) -> web.StreamResponse:
+            if not request.query.get("api-version"):
+                return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+            return await endpoint(request)
+        return versioned
+
+    def authorized(self, request: web.Request) -> bool:
+        return self.api_key is None or request.headers.get("api-key") == self.api_key
+
+    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+              param: str | None = None) -> web.Response:
+        if status == 401:
+            return web.json_response({"error": {"code": "401", "message": "Access denied due to invalid "
+                                      "subscription key or wrong API endpoint. Make sure to provide a valid key "
+                                      "for an active subscription and use a correct regional API endpoint for "
+                                      "your resource."}}, status=401)
+        return super().error(status, retry_after, message, param)
+
+    def model_of(self, request: web.Request, body: dict[str, Any]) -> str | None:
+        return request.match_info["deployment"]
+
+
+@dataclass
+class FakeMistral(FakeOpenAI):
+    """Mistral: OpenAI-compatible chat and embeddings, plus OCR, with its own error shape."""
+
+    ROUTES = (
+        ("/chat/completions", "_chat_completions", ("messages",)),
+        ("/embeddings", "_embeddings", ("input",)),
+        ("/ocr", "_ocr", ("document",)),
+    )
+
+    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+              param: str | None = None) -> web.Response:
+        kinds = {401: "Unauthorized", 429: "Requests rate limit exceeded"}
+        body = {"object": "error", "message": message or kinds.get(status, "Internal server error"),
+                "type": "invalid_request_error" if status < 500 else "internal_server_error",
+                "param": param, "code": None}
+        if status in (401, 429) and not message:
+            body = {"message": kinds[status], "request_id": f"req-{self.next_id()}"}
+        return web.json_response(body, status=status, headers=self.retry_after_header(retry_after))
+
+    async def _ocr(self, model: str, body: dict, files: dict) -> web.Response:
+        document = body["document"]
+        kind = document.get("type") if isinstance(document, dict) else None
+        if kind not in ("document_url", "image_url"):
+            return self.error(422, message="document: Input should be a valid document_url or image_url chunk",
+                              param="document")
+        source = document.get(kind)
+        return web.json_response({
+            "pages": [{"index": 0, "markdown": f"# Page 1\n\nRead from {source}",
+                       "images": [], "dimensions": {"dpi": 200, "height": 2200, "width": 1700}}],
+            "model": model,
+            "usage_info": {"pages_processed": 1, "doc_size_bytes": None},
+        })
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from api.routes import READ_MODEL
 from app.jobs import JobStatus
 from app.settings import Settings
 from app.topics import dead_letter_topic
+from deploy.fakes.base import ReceivedRequest
 from deploy.fakes.openai_server import FakeOpenAI
 from tests.conftest import ferry_settings_for, start_api, wait_until
 from tests.e2e.test_chat import CHAT
@@ -214,8 +215,8 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     def start_worker() -> None:
         workers.append(FerryProcess("workers", own, tmp_path / f"worker-{len(workers)}").start())
 
-    def crash_on_poison(body: dict) -> None:
-        if body["messages"][-1]["content"] == "poison":
+    def crash_on_poison(received: ReceivedRequest) -> None:
+        if received.body["messages"][-1]["content"] == "poison":
             workers[-1].kill()  # the job takes its worker down, every time
             start_worker()
 

@@ -34,7 +34,7 @@ def test_keyless_endpoint_sends_no_authorization() -> None:
 def test_parse_result_returns_the_provider_object() -> None:
     completion = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
     response = HttpResponse(200, {}, orjson.dumps(completion))
-    assert adapter.parse_result(RequestType.chat_completion, response) == completion
+    assert adapter.parse_result(RequestType.chat_completion, response, model="m", body={}) == completion
 
 
 def test_parse_failure_reads_openai_error_and_retry_after() -> None:

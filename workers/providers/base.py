@@ -8,18 +8,27 @@ module that talks to the network is ``workers/caller.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
-from app.jobs import RequestType
+import orjson
+
+from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
+
+# httpx's multipart file tuple: (form field, (filename, bytes, content type))
+FilePart = tuple[str, tuple[str, bytes, str]]
 
 
 @dataclass(frozen=True)
 class HttpRequest:
+    """What to send: a JSON body (``json``), or a multipart form (``data`` and ``files``)."""
+
     method: str
     url: str
     headers: Mapping[str, str] = field(repr=False)  # carries the provider key
     json: Any = None
+    data: Mapping[str, Any] | None = None
+    files: Sequence[FilePart] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,11 +55,21 @@ class ProviderFailure:
         return self.status_code == 429 or self.status_code >= 500
 
 
-class ProviderAdapter(Protocol):
-    def build_request(self, endpoint: ProviderEndpoint, request_type: RequestType, model: str,
-                      body: Mapping[str, Any]) -> HttpRequest: ...
+class UnsupportedRequest(ValueError):
+    """A request the provider's API cannot express (a content part it has no equivalent for);
+    the job fails with 400 without a call."""
 
-    def parse_result(self, request_type: RequestType, response: HttpResponse) -> dict[str, Any]: ...
+
+class ProviderAdapter(Protocol):
+    """``parse_result`` gets the target's model and the job's body for answers that lack what
+    the OpenAI-format result needs (Gemini's embeddings name no model, Cohere's rerank no
+    documents)."""
+
+    def build_request(self, endpoint: ProviderEndpoint, request_type: RequestType, model: str,
+                      body: Mapping[str, Any], files: Sequence[UploadedFile] = ()) -> HttpRequest: ...
+
+    def parse_result(self, request_type: RequestType, response: HttpResponse, *, model: str,
+                     body: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def parse_failure(self, response: HttpResponse) -> ProviderFailure: ...
 
@@ -62,3 +81,33 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def json_headers(key_header: str, key: str | None, key_prefix: str = "") -> dict[str, str]:
+    """Headers of a JSON call authenticated by ``key_header: <key_prefix><key>`` (when keyed)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if key:
+        headers[key_header] = key_prefix + key
+    return headers
+
+
+def json_object(response: HttpResponse) -> dict[str, Any]:
+    """A 2xx body that must be a JSON object; ``ValueError`` otherwise (the caller's 502)."""
+    result = orjson.loads(response.body)
+    if not isinstance(result, dict):
+        raise ValueError("the provider answered 2xx with a body that is not a JSON object")
+    return result
+
+
+def json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def text_failure(response: HttpResponse, message: Any = None) -> ProviderFailure:
+    """A failure whose body had no structured error: its text, or the status, as the message."""
+    text = str(message) if message else response.body[:500].decode(errors="replace").strip()
+    return ProviderFailure(status_code=response.status, message=text or f"provider answered {response.status}",
+                           retry_after_seconds=retry_after_seconds(response.headers))

@@ -1,59 +1,110 @@
-"""The OpenAI-compatible wire family: OpenAI itself, Groq, Together, OpenRouter, vLLM, Ollama...
+"""The OpenAI-compatible wire family: OpenAI itself, Groq, Together, Mistral, vLLM, Ollama...
 
-Requests go to ``<base_url>/<path>`` with ``Authorization: Bearer <key>`` and the client's body
-as is, with the target's model name; responses are already in OpenAI format. Errors follow
-OpenAI's shape, ``{"error": {"message", "type", "code", "param"}}``; servers that answer
-otherwise (a bare string, ``{"detail": ...}``, HTML) still give a readable message.
+Requests go to ``<base_url><path>`` with ``Authorization: Bearer <key>`` and the client's body
+as is, with the target's model name (a multipart form for transcriptions and image edits and
+variations, its files as they came). Responses are already in OpenAI format, except two that
+are not JSON: speech audio becomes ``{"audio": <base64>, "content_type": ...}``, and a
+transcription in ``text``/``srt``/``vtt`` becomes ``{"text": ...}``. Errors follow OpenAI's
+shape, ``{"error": {"message", "type", "code", "param"}}`` (Mistral's flat ``{"message", "type"}``
+too); servers that answer otherwise (a bare string, ``{"detail": ...}``, HTML) still give a
+readable message.
+
+Mistral's OCR (``/ocr``) and the rerank endpoint of Together and vLLM (``/rerank``) are the
+family's only non-OpenAI paths; their bodies pass through in the provider's own format.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import base64
+from typing import Any, Mapping, Sequence
 
-import orjson
-
-from app.jobs import RequestType
+from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
-from workers.providers.base import HttpRequest, HttpResponse, ProviderFailure, retry_after_seconds
+from workers.providers.base import (HttpRequest, HttpResponse, ProviderFailure, json_object, json_or_none,
+                                    retry_after_seconds, text_failure)
 
+R = RequestType
 PATHS = {
-    RequestType.chat_completion: "/chat/completions",
+    R.text_completion: "/completions",
+    R.chat_completion: "/chat/completions",
+    R.responses: "/responses",
+    R.embedding: "/embeddings",
+    R.speech: "/audio/speech",
+    R.transcription: "/audio/transcriptions",
+    R.image_generation: "/images/generations",
+    R.image_edit: "/images/edits",
+    R.image_variation: "/images/variations",
+    R.rerank: "/rerank",
+    R.ocr: "/ocr",
 }
+
+
+def multipart_parts(model: str, body: Mapping[str, Any], files: Sequence[UploadedFile]):
+    """Form fields and file parts of a multipart request, the model replaced by the target's."""
+    data = {**body, "model": model}
+    parts = [(upload.field, (upload.filename, upload.data, upload.content_type)) for upload in files]
+    return data, parts
+
+
+def speech_result(response: HttpResponse) -> dict[str, Any]:
+    """Audio bytes as the contract's JSON speech result."""
+    content_type = response.headers.get("content-type", "application/octet-stream")
+    return {"audio": base64.b64encode(response.body).decode("ascii"), "content_type": content_type}
+
+
+def openai_result(request_type: RequestType, response: HttpResponse) -> dict[str, Any]:
+    """An OpenAI-format 2xx body as a result object (Azure's are the same)."""
+    if request_type is R.speech:
+        return speech_result(response)
+    content_type = response.headers.get("content-type", "")
+    if request_type is R.transcription and "json" not in content_type:
+        return {"text": response.body.decode("utf-8", errors="replace")}  # response_format text, srt, vtt
+    return json_object(response)
+
+
+def openai_failure(response: HttpResponse) -> ProviderFailure:
+    """OpenAI's error body, ``{"error": {...}}``, and the looser shapes compatible servers use."""
+    body = json_or_none(response.body)
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) and isinstance(body, dict) and isinstance(body.get("message"), str):
+        error = body  # Mistral's flat shape: {"object": "error", "message", "type", "param", "code"}
+    if isinstance(error, dict):
+        code = error.get("code")
+        return ProviderFailure(
+            status_code=response.status,
+            message=str(error.get("message") or f"provider answered {response.status}"),
+            type=error.get("type"), code=None if code is None else str(code),
+            param=error.get("param"), retry_after_seconds=retry_after_seconds(response.headers),
+        )
+    if isinstance(error, str):
+        return text_failure(response, error)
+    if isinstance(body, dict):
+        return text_failure(response, body.get("detail"))
+    return text_failure(response)
+
+
+def build_http_request(url: str, headers: dict[str, str], request_type: RequestType, model: str | None,
+                       body: Mapping[str, Any], files: Sequence[UploadedFile]) -> HttpRequest:
+    """A JSON or multipart request with the model set (``None``: the URL names it, as Azure's does)."""
+    headers = {"Accept": "application/json", **headers}
+    if files:
+        data, parts = multipart_parts(model, body, files)
+        if model is None:
+            data.pop("model")
+        return HttpRequest("POST", url, headers, data=data, files=parts)
+    payload = dict(body) if model is None else {**body, "model": model}
+    return HttpRequest("POST", url, {"Content-Type": "application/json", **headers}, json=payload)
 
 
 class OpenAICompatAdapter:
     def build_request(self, endpoint: ProviderEndpoint, request_type: RequestType, model: str,
-                      body: Mapping[str, Any]) -> HttpRequest:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if endpoint.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        return HttpRequest("POST", endpoint.base_url + PATHS[request_type], headers, {**body, "model": model})
+                      body: Mapping[str, Any], files: Sequence[UploadedFile] = ()) -> HttpRequest:
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        return build_http_request(endpoint.base_url + PATHS[request_type], headers, request_type, model, body, files)
 
-    def parse_result(self, request_type: RequestType, response: HttpResponse) -> dict[str, Any]:
-        result = orjson.loads(response.body)
-        if not isinstance(result, dict):
-            raise ValueError("the provider answered 2xx with a body that is not a JSON object")
-        return result
+    def parse_result(self, request_type: RequestType, response: HttpResponse, *, model: str,
+                     body: Mapping[str, Any]) -> dict[str, Any]:
+        return openai_result(request_type, response)
 
     def parse_failure(self, response: HttpResponse) -> ProviderFailure:
-        retry_after = retry_after_seconds(response.headers)
-        try:
-            body = orjson.loads(response.body)
-        except orjson.JSONDecodeError:
-            body = None
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            code = error.get("code")
-            return ProviderFailure(
-                status_code=response.status,
-                message=str(error.get("message") or f"provider answered {response.status}"),
-                type=error.get("type"), code=None if code is None else str(code),
-                param=error.get("param"), retry_after_seconds=retry_after,
-            )
-        if isinstance(error, str):
-            message = error
-        elif isinstance(body, dict) and body.get("detail"):
-            message = str(body["detail"])
-        else:
-            message = response.body[:500].decode(errors="replace").strip() or f"provider answered {response.status}"
-        return ProviderFailure(status_code=response.status, message=message, retry_after_seconds=retry_after)
+        return openai_failure(response)

@@ -1,0 +1,145 @@
+"""What every fake provider server shares: loopback serving, knobs, and a record of requests.
+
+A provider's fake subclasses ``FakeProvider``, adds its routes (``add_routes``), says how it
+checks the key (``authorized``) and how it writes an error body (``error``). Each route handler
+starts with ``answer = await self.admit(request)``: that records the request, waits the
+configured latency, and answers with an error when the key is wrong or a failure is scripted.
+
+Knobs, per server: ``latency`` (seconds before each answer), ``fail_next`` (a list of
+``(status, retry_after)`` to answer in turn), ``on_request`` (a hook called with each recorded
+request). Bodies of OpenAI-compatible fakes may also carry ``x_fake`` directives (see
+``openai_server``); the others' real APIs refuse unknown fields, so their fakes do too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class ReceivedFile:
+    filename: str | None
+    content_type: str | None
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class ReceivedRequest:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: dict[str, Any]  # the JSON body, or a multipart form's text fields
+    files: dict[str, list[ReceivedFile]]  # a multipart form's files by field
+    received_at: float  # time.monotonic()
+
+
+@dataclass
+class Admission:
+    body: dict[str, Any]
+    files: dict[str, list[ReceivedFile]]
+    refusal: web.Response | None = None  # answer this instead of the real thing
+
+
+@dataclass
+class FakeProvider:
+    """The server and its knobs; ``requests`` records what it received, newest last."""
+
+    api_key: str | None = None
+    latency: float = 0.0
+    fail_next: list[tuple[int, float | None]] = field(default_factory=list)  # (status, retry_after)
+    requests: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    calls: int = 0
+    on_request: Callable[[ReceivedRequest], None] | None = None
+    port: int | None = None
+    _runner: web.AppRunner | None = None
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.add_routes(app.router)
+        return app
+
+    async def start(self, port: int = 0) -> "FakeProvider":
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- what a provider's fake defines ------------------------------------------------------------
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        raise NotImplementedError
+
+    def authorized(self, request: web.Request) -> bool:
+        raise NotImplementedError
+
+    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+              param: str | None = None) -> web.Response:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def retry_after_header(retry_after: float | None) -> dict[str, str]:
+        return {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+
+    async def admit(self, request: web.Request) -> Admission:
+        self.calls += 1
+        files: dict[str, list[ReceivedFile]] = {}
+        if request.content_type.startswith("multipart/"):
+            body: dict[str, Any] = {}
+            post = await request.post()
+            for name, value in post.items():
+                if isinstance(value, web.FileField):
+                    files.setdefault(name, []).append(ReceivedFile(value.filename, value.content_type,
+                                                                   value.file.read()))
+                else:
+                    body[name] = value
+        else:
+            try:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                return Admission({}, {}, self.error(400, message="We could not parse the JSON body of your request."))
+            if not isinstance(body, dict):
+                return Admission({}, {}, self.error(400, message="The body must be a JSON object."))
+        received = ReceivedRequest(request.path, dict(request.query), dict(request.headers), body, files,
+                                   time.monotonic())
+        self.requests.append(received)
+        if self.on_request is not None:
+            self.on_request(received)
+        directives = (body.get("x_fake") or {}) if self.accepts_directives else {}
+        latency = float(directives.get("latency", self.latency))
+        if latency:
+            await asyncio.sleep(latency)
+        if not self.authorized(request):
+            return Admission(body, files, self.error(401))
+        if self.fail_next:
+            status, retry_after = self.fail_next.pop(0)
+            return Admission(body, files, self.error(status, retry_after))
+        if "status" in directives:
+            return Admission(body, files, self.error(int(directives["status"]), directives.get("retry_after")))
+        return Admission(body, files)
+
+    accepts_directives = False
