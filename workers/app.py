@@ -54,6 +54,7 @@ from datetime import datetime
 import faust
 import httpx
 import mode
+from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from app.faust_app import create_app
@@ -429,20 +430,35 @@ class FerryWorker:
             return  # a stopping worker takes nothing more; its fetcher may already be closed
         names = set(request_topics(self.settings))
         partitions = [tp for tp in assigned if tp.topic in names]
+        events = [tp for tp in assigned if tp.topic == job_events_topic(self.settings)]
         if partitions:
-            starts = await self.fetcher.start_offsets(self.settings.app_id, partitions)
+            starts = await self._when_reachable(self.fetcher.start_offsets, self.settings.app_id, partitions)
+            if starts is None:
+                return
             self._next_offset.update({TP(tp.topic, tp.partition): offset for tp, offset in starts.items()})
             now = time.monotonic()
             self._last_progress.update({TP(tp.topic, tp.partition): now for tp in partitions})
-        events = [tp for tp in assigned if tp.topic == job_events_topic(self.settings)]
         if events:
-            starts = await self.fetcher.start_offsets(self.settings.app_id, events)
-            ends = await self.fetcher.end_offsets(events)
+            starts = await self._when_reachable(self.fetcher.start_offsets, self.settings.app_id, events)
+            ends = await self._when_reachable(self.fetcher.end_offsets, events)
+            if starts is None or ends is None:
+                return
             for tp in events:
                 ready = self._events_ready(tp.partition)
                 self._events_backlog_end[tp.partition] = ends[tp]
                 if starts[tp] < ends[tp]:
                     ready.clear()
+
+    async def _when_reachable(self, lookup, *args):
+        """An offsets lookup, retried while Kafka is away (a rebalance must not fail on an
+        outage: Faust would give up the assignment); None if the worker stops meanwhile."""
+        while not self.runner.stopping:
+            try:
+                return await lookup(*args)
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                log.warning("offsets lookup failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
+        return None
 
     async def _maintain(self) -> None:
         if self.app.rebalancing:

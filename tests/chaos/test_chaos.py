@@ -209,7 +209,10 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     from tests.conftest import PROVIDER_KEY
 
     fake = await FakeOpenAI(api_key=PROVIDER_KEY).start()
-    own = ferry_settings_for(settings, fake, topic_partitions=1, job_max_attempts=2, kafka_session_timeout_seconds=6)
+    # One call at a time: the jobs behind the poison are never in flight when it kills a worker
+    # (a job in flight at two crashes would rightly be abandoned too).
+    own = ferry_settings_for(settings, fake, topic_partitions=1, job_max_attempts=2, kafka_session_timeout_seconds=6,
+                             worker_max_in_flight=1)
     workers: list[FerryProcess] = []
 
     def start_worker() -> None:
@@ -252,3 +255,47 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     assert final[JobStatus.completed] == 20
     assert len(workers) == 3  # two crashed, the third gave up on the job
 
+
+
+@pytest.mark.timeout(420)
+async def test_sigterm_drains_calls_in_flight_then_a_replacement_finishes(settings: Settings, slow_fake: FakeOpenAI,
+                                                                          tmp_path: Path) -> None:
+    own = ferry_settings_for(settings, slow_fake, worker_max_in_flight=50, kafka_session_timeout_seconds=6,
+                             worker_shutdown_grace_seconds=20)
+    api = await start_api(own)
+    first = FerryProcess("workers", own, tmp_path / "worker-a").start()
+    replacement = FerryProcess("workers", own, tmp_path / "worker-b")
+    try:
+        jobs = 400
+        ids = await submit_all(api, [job_body(f"job-{i}") for i in range(jobs)])
+        await wait_until(lambda: terminal_count(api, ids) >= 100, 180, "a quarter of the jobs to finish", 0.1)
+        calls_before = len(slow_fake.requests)
+        stopped_at = time.monotonic()
+        # The fake provider lives in this event loop: wait for the worker's exit in a thread.
+        exit_code = await asyncio.to_thread(first.terminate, 60)
+        drained_in = time.monotonic() - stopped_at
+        calls_by_first = len(slow_fake.requests)
+        view = api.server.app[READ_MODEL]
+        terminal_at_exit = {k for k, job_id in enumerate(ids) if view.get(job_id).status.is_terminal}
+        replacement.start()
+        await wait_until(lambda: terminal_count(api, ids) == jobs, 300,
+                         lambda: f"every job to end: {states(api, ids)}", 0.2)
+        recovered_in = time.monotonic() - stopped_at
+    finally:
+        first.kill()
+        replacement.kill()
+        await api.close()
+
+    final = states(api, ids)
+    calls = calls_per_marker(slow_fake)
+    duplicates = sum(n - 1 for n in calls.values() if n > 1)
+    report("sigterm_worker", submitted=jobs, calls_in_flight_window=calls_by_first - calls_before,
+           terminal_at_exit=len(terminal_at_exit), exit_code=exit_code, seconds_to_exit=round(drained_in, 1),
+           completed=final[JobStatus.completed], failed=final[JobStatus.failed],
+           lost=jobs - final[JobStatus.completed] - final[JobStatus.failed], duplicate_provider_calls=duplicates,
+           seconds_from_sigterm_to_all_terminal=round(recovered_in, 1))
+    assert exit_code == 0
+    assert final[JobStatus.completed] == jobs
+    assert all(calls[f"job-{k}"] == 1 for k in terminal_at_exit)
+    # Calls in flight at SIGTERM finished inside the grace period, so nothing was called twice.
+    assert duplicates == 0
