@@ -117,6 +117,7 @@ class FerryWorker:
         self.runner = JobRunner(self.caller, self.send_event, settings.worker_max_in_flight)
         self.acks = OrderedAcks()
         self._next_offset: dict[TP, int] = {}  # per request partition: the next offset to take
+        self._next_event_offset: dict[TP, int] = {}  # per job-events partition: the next to apply
         self._last_progress: dict[TP, float] = {}  # per request partition: when it last moved
         self._catch_up_after = max(5.0, 3 * settings.worker_maintenance_interval_seconds)
         # A key that lands in each partition, for orders about a partition rather than a job.
@@ -337,14 +338,37 @@ class FerryWorker:
         # make the next owner call the provider again.
         async for event in stream.noack().events():
             self.table.last_write = None
-            try:
-                await self._apply(JobEvent.from_bytes(event.value))
-            except Exception:
-                log.exception("job event at %s offset %s could not be applied", event.message.tp, event.message.offset)
+            for value, offset in [*await self._skipped_events(event.message), (event.value, event.message.offset)]:
+                try:
+                    await self._apply(JobEvent.from_bytes(value))
+                except Exception:
+                    log.exception("job event at %s offset %s could not be applied", event.message.tp, offset)
             self.acks.ack_after(event, self.table.last_write)
             partition = event.message.partition
             if event.message.offset + 1 >= self._events_backlog_end.get(partition, 0):
                 self._events_ready(partition).set()
+
+    async def _skipped_events(self, message) -> list[tuple[bytes, int]]:
+        """The job events Faust's stream skipped before this one in its partition, read again.
+
+        The events stream drops records at the start of an assignment just as the request stream
+        does (see _take_skipped); a dropped outcome would leave its job to be called again, a
+        dropped retry report would hide that the job is retrying. Event offsets have no gaps.
+        """
+        expected = self._next_event_offset.get(message.tp)
+        self._next_event_offset[message.tp] = message.offset + 1
+        if expected is None or message.offset <= expected:
+            return []
+        log.warning("%s: job events %d..%d were skipped by the stream; applying them now",
+                    message.tp, expected, message.offset - 1)
+        skipped = []
+        for offset in range(expected, message.offset):
+            location = RequestLocation(topic=message.tp.topic, partition=message.tp.partition, offset=offset)
+            try:
+                skipped.append((await self.fetcher.fetch_value(location), offset))
+            except Exception:
+                log.exception("skipped job event at %s offset %d could not be read", message.tp, offset)
+        return skipped
 
     async def _wait_events_applied(self, partition: int) -> None:
         """Bounded: the stream may skip the last events of the backlog (see _take_skipped), and
@@ -421,6 +445,7 @@ class FerryWorker:
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
         self.acks.forget(revoked)
         self._next_offset.clear()
+        self._next_event_offset.clear()
         self._last_progress.clear()
         self.runner.finishing.clear()
 
@@ -443,6 +468,7 @@ class FerryWorker:
             ends = await self._when_reachable(self.fetcher.end_offsets, events)
             if starts is None or ends is None:
                 return
+            self._next_event_offset.update({TP(tp.topic, tp.partition): offset for tp, offset in starts.items()})
             for tp in events:
                 ready = self._events_ready(tp.partition)
                 self._events_backlog_end[tp.partition] = ends[tp]

@@ -1,4 +1,4 @@
-"""Reading requests again from their request topic, by partition and offset.
+"""Reading records again from Kafka by partition and offset: requests, and skipped job events.
 
 Used when a worker resumes a job that another worker had started (it is ``processing`` in the
 table, but nobody here runs it: the table keeps where the request sits, not the request), and
@@ -72,6 +72,10 @@ class RequestFetcher:
             return await self._consumer.end_offsets(partitions)
 
     async def fetch(self, location: RequestLocation, timeout: float = 10.0) -> JobRequest:
+        return JobRequest.from_bytes(await self.fetch_value(location, timeout))
+
+    async def fetch_value(self, location: RequestLocation, timeout: float = 10.0) -> bytes:
+        """The value of the record at ``location`` (any Ferry topic); RequestGone if deleted."""
         tp = TopicPartition(location.topic, location.partition)
         async with self._lock:  # one consumer, one position: fetches take turns
             await self.start()  # a resume may come before the worker's services have started
@@ -85,4 +89,4 @@ class RequestFetcher:
         record = records[0]
         if record.offset != location.offset:
             raise RequestGone(f"offset {location.offset} of {tp} is gone (next is {record.offset})")
-        return JobRequest.from_bytes(record.value)
+        return record.value
