@@ -220,6 +220,8 @@ class FerryWorker:
         or DROP to leave it unacked (its partition was revoked: the new owner reads it).
         """
         skipped_writes = await self._take_skipped(event)
+        if skipped_writes is DROP:
+            return DROP  # stopping before the gap was taken: acking this event would commit past it
         write = await self._take(JobRequest.from_bytes(event.value), event.message)
         writes = [w for w in (*skipped_writes, write) if w is not None]
         if write is DROP or not writes:
@@ -245,18 +247,26 @@ class FerryWorker:
                     message.tp, expected, message.offset - 1)
         return await self._take_range(message.tp, expected, message.offset)
 
-    async def _take_range(self, tp: TP, start: int, end: int, wait_events: bool = True) -> list:
-        """Read offsets [start, end) of a request partition from Kafka and take each request."""
+    async def _take_range(self, tp: TP, start: int, end: int, wait_events: bool = True):
+        """Read offsets [start, end) of a request partition from Kafka and take each request.
+
+        Returns the table writes to await, or DROP if the worker began stopping before the
+        whole range was taken (then nothing past ``start`` may be committed by this worker).
+        """
         writes = []
         for offset in range(start, end):
             location = RequestLocation(topic=tp.topic, partition=tp.partition, offset=offset)
+            # Kafka being slow or away is retried: skipping the record would lose its job.
             try:
-                write = await self._take(await self.fetcher.fetch(location), location, wait_events)
+                request = await self._when_reachable(self.fetcher.fetch, location)
+                if request is None:
+                    return DROP
+                write = await self._take(request, location, wait_events)
             except Exception:
                 log.exception("skipped request at %s offset %d could not be taken", tp, offset)
                 continue
             if write is DROP:
-                break
+                return DROP
             if write is not None:
                 writes.append(write)
         return writes
@@ -286,7 +296,9 @@ class FerryWorker:
                 log.warning("%s: offsets %d..%d were not delivered by the stream; taking them now",
                             tp, start, end - 1)
                 self._next_offset[tp] = end
-                await self._take_range(tp, start, end, wait_events=False)
+                if await self._take_range(tp, start, end, wait_events=False) is DROP:
+                    self._next_offset[tp] = start  # stopping: the range is the next owner's
+                    return
 
     async def _take(self, request: JobRequest, where, wait_events: bool = True):
         """Start a job from its request (``where``: its message or location); see _take_request."""
@@ -476,13 +488,14 @@ class FerryWorker:
                     ready.clear()
 
     async def _when_reachable(self, lookup, *args):
-        """An offsets lookup, retried while Kafka is away (a rebalance must not fail on an
-        outage: Faust would give up the assignment); None if the worker stops meanwhile."""
+        """A Kafka read retried while Kafka is away or slow (a rebalance must not fail on an
+        outage: Faust would give up the assignment; a skipped record must not be passed over);
+        None if the worker stops meanwhile. Other errors (a record gone or unreadable) raise."""
         while not self.runner.stopping:
             try:
                 return await lookup(*args)
             except (KafkaError, asyncio.TimeoutError) as exc:
-                log.warning("offsets lookup failed (%s); retrying", type(exc).__name__)
+                log.warning("Kafka read failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(1.0)
         return None
 
