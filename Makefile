@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test kafka-start kafka-stop kafka-status clean
+.PHONY: install run test bench kafka-start kafka-stop kafka-status clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Ferry needs Python 3.11+"'
@@ -22,6 +22,11 @@ run: install
 test: install
 	$(PY) -m deploy.kafka fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every scenario at full size (tens of minutes); one scenario: `make bench BENCH_ARGS="--scenarios submit"`.
+bench: install
+	$(PY) -m deploy.kafka fetch
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 kafka-start: install
 	$(PY) -m deploy.kafka start

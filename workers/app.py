@@ -72,7 +72,7 @@ from workers.runner import JobRunner
 log = logging.getLogger(__name__)
 
 DROP = object()  # _take_request: leave the event unacked
-EVENTS_CATCH_UP_SECONDS = 10.0
+RANGE_CHUNK = 500  # records read from Kafka at once when taking what the stream skipped
 
 
 def _partition_keys(partitions: int) -> dict[int, str]:
@@ -126,6 +126,7 @@ class FerryWorker:
         # in Kafka at assignment, so that no job is started again whose outcome is on its way.
         self._events_applied: dict[int, asyncio.Event] = {}
         self._events_backlog_end: dict[int, int] = {}
+        self._events_locks: dict[int, asyncio.Lock] = {}
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
@@ -168,14 +169,15 @@ class FerryWorker:
         return {"in_flight": len(self.runner.in_flight), "duplicate_outcomes": self.duplicate_outcomes,
                 "possible_duplicate_calls": self.possible_duplicate_calls, "poisoned_jobs": self.poisoned_jobs}
 
-    async def _health(self, web, request):
-        return web.json({"status": "ok", **self.counters()})
+    # Faust calls a page's function with the request alone when it is a bound method.
+    async def _health(self, request):
+        return self.app.web.json({"status": "ok", **self.counters()})
 
-    async def _ready(self, web, request):
+    async def _ready(self, request):
         """Ready when the worker is in its group with a settled assignment and is not stopping."""
         ready = not self.app.rebalancing and not self.runner.stopping and self.app.consumer is not None \
             and self.app.tables.recovery.completed.is_set()
-        return web.json({"status": "ok" if ready else "unavailable"}, status=200 if ready else 503)
+        return self.app.web.json({"status": "ok" if ready else "unavailable"}, status=200 if ready else 503)
 
     # -- table access -------------------------------------------------------------------------
 
@@ -254,21 +256,23 @@ class FerryWorker:
         whole range was taken (then nothing past ``start`` may be committed by this worker).
         """
         writes = []
-        for offset in range(start, end):
-            location = RequestLocation(topic=tp.topic, partition=tp.partition, offset=offset)
-            # Kafka being slow or away is retried: skipping the record would lose its job.
-            try:
-                request = await self._when_reachable(self.fetcher.fetch, location)
-                if request is None:
-                    return DROP
-                write = await self._take(request, location, wait_events)
-            except Exception:
-                log.exception("skipped request at %s offset %d could not be taken", tp, offset)
-                continue
-            if write is DROP:
+        for first in range(start, end, RANGE_CHUNK):
+            last = min(end, first + RANGE_CHUNK)
+            # Kafka being slow or away is retried: skipping the records would lose their jobs.
+            records = await self._when_reachable(self.fetcher.fetch_values, tp.topic, tp.partition, first, last)
+            if records is None:
                 return DROP
-            if write is not None:
-                writes.append(write)
+            for offset, value in records:
+                location = RequestLocation(topic=tp.topic, partition=tp.partition, offset=offset)
+                try:
+                    write = await self._take(JobRequest.from_bytes(value), location, wait_events)
+                except Exception:
+                    log.exception("skipped request at %s offset %d could not be taken", tp, offset)
+                    continue
+                if write is DROP:
+                    return DROP
+                if write is not None:
+                    writes.append(write)
         return writes
 
     def _stalled_request_partitions(self) -> set[int]:
@@ -288,6 +292,7 @@ class FerryWorker:
         tps = [tp for tp in self._next_offset if tp.partition == partition]
         if not tps:
             return
+        await self._apply_events_backlog(partition)  # run by the events agent, which holds the lock
         ends = await self.fetcher.end_offsets(tps)
         for tp in tps:
             start, end = self._next_offset[tp], ends[tp]
@@ -350,11 +355,12 @@ class FerryWorker:
         # make the next owner call the provider again.
         async for event in stream.noack().events():
             self.table.last_write = None
-            for value, offset in [*await self._skipped_events(event.message), (event.value, event.message.offset)]:
-                try:
-                    await self._apply(JobEvent.from_bytes(value))
-                except Exception:
-                    log.exception("job event at %s offset %s could not be applied", event.message.tp, offset)
+            message = event.message
+            async with self._events_lock(message.partition):
+                expected = self._next_event_offset.get(message.tp)
+                if expected is None or message.offset >= expected:  # else applied already, read directly
+                    for value, offset in [*await self._skipped_events(message), (event.value, message.offset)]:
+                        await self._apply_value(value, message.tp, offset)
             self.acks.ack_after(event, self.table.last_write)
             partition = event.message.partition
             if event.message.offset + 1 >= self._events_backlog_end.get(partition, 0):
@@ -373,25 +379,50 @@ class FerryWorker:
             return []
         log.warning("%s: job events %d..%d were skipped by the stream; applying them now",
                     message.tp, expected, message.offset - 1)
-        skipped = []
-        for offset in range(expected, message.offset):
-            location = RequestLocation(topic=message.tp.topic, partition=message.tp.partition, offset=offset)
-            try:
-                skipped.append((await self.fetcher.fetch_value(location), offset))
-            except Exception:
-                log.exception("skipped job event at %s offset %d could not be read", message.tp, offset)
-        return skipped
+        records = await self._when_reachable(self.fetcher.fetch_values, message.tp.topic, message.tp.partition,
+                                             expected, message.offset)
+        return [(value, offset) for offset, value in records or []]
+
+    async def _apply_value(self, value: bytes, tp, offset: int) -> None:
+        try:
+            await self._apply(JobEvent.from_bytes(value))
+        except Exception:
+            log.exception("job event at %s offset %s could not be applied", tp, offset)
+
+    def _events_lock(self, partition: int) -> asyncio.Lock:
+        """Held while job events of a partition are applied, by the events agent or by
+        _wait_events_applied, so that each event is applied once and in order."""
+        if partition not in self._events_locks:
+            self._events_locks[partition] = asyncio.Lock()
+        return self._events_locks[partition]
 
     async def _wait_events_applied(self, partition: int) -> None:
-        """Bounded: the stream may skip the last events of the backlog (see _take_skipped), and
-        waiting for them forever would stop the partition; at worst a call is made twice."""
+        """Apply the job events that were in Kafka when the partition was assigned, before a
+        request of the partition is taken (so no job is started whose outcome is on its way).
+
+        They are read from Kafka here rather than awaited from the events stream, which may
+        skip them or deliver them late (see _take_skipped).
+        """
+        if self._events_ready(partition).is_set():
+            return
+        async with self._events_lock(partition):
+            await self._apply_events_backlog(partition)
+
+    async def _apply_events_backlog(self, partition: int) -> None:
+        """The work of _wait_events_applied; the caller holds the partition's events lock."""
         ready = self._events_ready(partition)
-        try:
-            await asyncio.wait_for(ready.wait(), EVENTS_CATCH_UP_SECONDS)
-        except TimeoutError:
-            log.warning("partition %d: job events not caught up after %.0f s; going on", partition,
-                        EVENTS_CATCH_UP_SECONDS)
-            ready.set()
+        if ready.is_set():
+            return
+        tp = TP(job_events_topic(self.settings), partition)
+        start, end = self._next_event_offset.get(tp), self._events_backlog_end.get(partition)
+        if start is not None and end is not None and start < end:
+            records = await self._when_reachable(self.fetcher.fetch_values, tp.topic, partition, start, end)
+            if records is None:
+                return  # stopping
+            for offset, value in records:
+                await self._apply_value(value, tp, offset)
+            self._next_event_offset[tp] = max(self._next_event_offset.get(tp, 0), end)
+        ready.set()
 
     def _events_ready(self, partition: int) -> asyncio.Event:
         if partition not in self._events_applied:

@@ -90,3 +90,24 @@ class RequestFetcher:
         if record.offset != location.offset:
             raise RequestGone(f"offset {location.offset} of {tp} is gone (next is {record.offset})")
         return record.value
+
+    async def fetch_values(self, topic: str, partition: int, start: int, end: int,
+                           timeout: float = 30.0) -> list[tuple[int, bytes]]:
+        """``(offset, value)`` of the records in [start, end) of a partition, in one pass.
+
+        Offsets that retention has removed are simply absent (the caller sees which).
+        """
+        tp = TopicPartition(topic, partition)
+        found: list[tuple[int, bytes]] = []
+        async with self._lock:
+            await self.start()
+            self._consumer.assign([tp])
+            self._consumer.seek(tp, start)
+            async with asyncio.timeout(timeout):
+                while not found or found[-1][0] < end - 1:
+                    batch = (await self._consumer.getmany(tp, timeout_ms=1000, max_records=1000)).get(tp, [])
+                    found.extend((record.offset, record.value) for record in batch if record.offset < end)
+                    if batch and batch[-1].offset >= end - 1:
+                        break
+        return found
+

@@ -20,7 +20,7 @@ from deploy.fakes.base import ReceivedRequest
 from deploy.fakes.openai_server import FakeOpenAI
 from tests.conftest import ferry_settings_for, start_api, wait_until
 from tests.e2e.test_chat import CHAT
-from tests.processes import FerryProcess
+from deploy.processes import FerryProcess
 
 
 def job_body(marker: str, **fake) -> dict:

@@ -13,7 +13,7 @@ from app.settings import Settings
 from app.topics import changelog_topic, partition_for, request_topic
 from tests.conftest import wait_until
 from tests.e2e.test_chat import CHAT, poll_until_done, submit
-from tests.processes import FerryProcess, free_port
+from deploy.processes import FerryProcess, free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -1,5 +1,5 @@
-"""Ferry processes started the way operators start them (``python -m ...``), for tests that
-kill them."""
+"""Ferry processes started the way operators start them (``python -m ...``), for the tests
+that kill them and the benchmarks that measure them."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class FerryProcess:
-    """``python -m <module>`` with these settings; killed or stopped by the test."""
+    """``python -m <module> [args]`` with these settings; killed or stopped by its owner."""
 
-    def __init__(self, module: str, settings: Settings, workdir: Path, **extra_env: str) -> None:
+    def __init__(self, module: str, settings: Settings, workdir: Path, *args: str, **extra_env: str) -> None:
         self.module = module
+        self.args = list(args)
         self.web_port = free_port()
         self.env = settings_env(settings, FERRY_WORKER_WEB_PORT=str(self.web_port),
                                 FERRY_WORKER_DATA_DIR=str(workdir / "faust"), FERRY_LOG_LEVEL="WARNING",
@@ -52,10 +53,14 @@ class FerryProcess:
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
     def start(self) -> "FerryProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / f"{self.module}.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=self.env, cwd=REPO_ROOT,
                                         stdout=log, stderr=subprocess.STDOUT)
         return self
 

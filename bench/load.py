@@ -1,0 +1,168 @@
+"""The benchmarks' load generator: one process of its own, so that its CPU is not Ferry's.
+
+    python -m bench.load submit --url URL --path PATH --concurrency 64 --seconds 10 --out FILE
+    python -m bench.load e2e    --url URL --rate 200 --seconds 10 --out FILE
+    python -m bench.load poll   --url URL --ids-file IDS --concurrency 64 --seconds 10 --out FILE
+    python -m bench.load kafka  --bootstrap HOST:PORT --topic T --concurrency 64 --seconds 10 --out FILE
+
+``submit``: closed loop, each client POSTs a 1 KB chat job and waits for the answer.
+``e2e``: open loop at a fixed offered rate; each job is submitted, then polled until it answers
+200 (every 5 ms for its first 100 ms, then less often: ``poll_interval``); the latency is submit
+to terminal. ``poll``: closed-loop GETs of known ids.
+``kafka``: the submit ceiling without Ferry: 1 KB records sent with the API's producer settings
+(acks=all, idempotent, linger 1 ms), each awaited like a submit.
+
+Every mode writes JSON: per-request ``[start_offset_s, latency_ms, status]``, and the
+generator's own CPU seconds and wall seconds (to show it was not the bottleneck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+import uuid
+
+import aiohttp
+
+CHAT = "/v1/async/chat/completions"
+
+
+def chat_body(model: str) -> dict:
+    """A chat job of about 1 KB of JSON."""
+    return {"model": model, "messages": [{"role": "system", "content": "You are terse."},
+                                         {"role": "user", "content": "x" * 900}], "temperature": 0.0}
+
+
+def poll_interval(waited: float) -> float:
+    """5 ms polls for the first 100 ms, 20 ms up to a second, then 100 ms: precise where the
+    targets are, without a queue of jobs turning into a flood of polls that starves the API."""
+    return 0.005 if waited < 0.1 else 0.02 if waited < 1.0 else 0.1
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.samples: list[tuple[float, float, int]] = []
+
+    def add(self, started: float, status: int) -> None:
+        now = time.perf_counter()
+        self.samples.append((round(started - self.began, 4), round((now - started) * 1000, 3), status))
+
+
+async def closed_loop(seconds: float, concurrency: int, one_request) -> Recorder:
+    recorder = Recorder()
+    deadline = recorder.began + seconds
+
+    async def client(number: int) -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status = await one_request(number)
+            recorder.add(started, status)
+
+    await asyncio.gather(*(client(n) for n in range(concurrency)))
+    return recorder
+
+
+async def submit(args) -> Recorder:
+    raw = json.dumps(chat_body(args.model)).encode()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+        async def one(_: int) -> int:
+            async with session.post(args.path, data=raw, headers={"Content-Type": "application/json"}) as reply:
+                await reply.read()
+                return reply.status
+
+        return await closed_loop(args.seconds, args.concurrency, one)
+
+
+async def e2e(args) -> Recorder:
+    raw = json.dumps(chat_body(args.model)).encode()
+    recorder = Recorder()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+        async def job() -> None:
+            started = time.perf_counter()
+            async with session.post(CHAT, data=raw, headers={"Content-Type": "application/json"}) as reply:
+                body = await reply.json()
+                if reply.status != 202:
+                    recorder.add(started, reply.status)
+                    return
+            while True:
+                async with session.get(f"{CHAT}/{body['id']}") as reply:
+                    await reply.read()
+                    if reply.status != 202:
+                        recorder.add(started, reply.status)
+                        return
+                await asyncio.sleep(poll_interval(time.perf_counter() - started))
+
+        tasks = []
+        total = int(args.rate * args.seconds)
+        for number in range(total):
+            # Open loop: start times follow the offered rate, whatever the answers do.
+            delay = recorder.began + number / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(job()))
+        await asyncio.gather(*tasks)
+    return recorder
+
+
+async def poll(args) -> Recorder:
+    with open(args.ids_file) as ids_file:
+        ids = json.load(ids_file)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+        async def one(number: int) -> int:
+            one.count += 1
+            async with session.get(f"{CHAT}/{ids[(number * 7919 + one.count) % len(ids)]}") as reply:
+                await reply.read()
+                return reply.status
+
+        one.count = 0
+        return await closed_loop(args.seconds, args.concurrency, one)
+
+
+async def kafka(args) -> Recorder:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", enable_idempotence=True,
+                                linger_ms=1, max_batch_size=256 * 1024)
+    await producer.start()
+    value = json.dumps(chat_body(args.model)).encode()
+    try:
+        async def one(_: int) -> int:
+            await producer.send_and_wait(args.topic, value, key=uuid.uuid4().hex.encode())
+            return 202
+
+        return await closed_loop(args.seconds, args.concurrency, one)
+    finally:
+        await producer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["submit", "e2e", "poll", "kafka"])
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--path", default=CHAT)
+    parser.add_argument("--model", default="fake/gpt-4o-mini")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--ids-file")
+    parser.add_argument("--bootstrap")
+    parser.add_argument("--topic")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    recorder = asyncio.run(globals()[args.mode](args))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open(args.out, "w") as out:
+        json.dump({"mode": args.mode, "wall_seconds": round(time.perf_counter() - recorder.began, 3),
+                   "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "samples": recorder.samples}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""Ferry's benchmarks: the real local stack (Kafka, API, worker, fake provider), measured.
+
+    python -m bench.run                          # every scenario, full size (`make bench`)
+    python -m bench.run --scenarios submit,e2e   # some of them
+    python -m bench.run --quick                  # tiny sizes: checks the harness, not the speed
+
+Scenarios: ``submit`` (POST throughput of one API process, beside two ceilings: a bare aiohttp
+handler and raw aiokafka sends with the API's durability settings), ``e2e`` (submit → terminal
+through GET at fixed offered rates, zero-latency provider), ``inflight`` (provider latency 2 s,
+one worker), ``backlog`` (jobs queued before the worker starts: drain rate, worker RSS over
+time) and ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs).
+
+Each run writes ``results.json`` and ``chart.png`` under ``bench/results/<UTC time>/``. The load
+generator (``bench/load.py``) runs in its own process and reports its own CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+
+from app.settings import Settings
+from app.topics import declare_topics
+from deploy.kafka.locate import locate
+from deploy.processes import REPO_ROOT, FerryProcess, free_port
+
+SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll")
+
+
+@dataclass
+class Sizes:
+    seconds: float = 15
+    concurrency: int = 64
+    rates: tuple[int, ...] = (200, 1000)
+    inflight_rate: int = 1000
+    backlog_jobs: int = 100_000
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300)
+
+
+class Sampler:
+    """RSS and CPU of some processes, sampled from /proc every ``interval`` seconds."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.5) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.series: dict[str, list[tuple[float, float, float]]] = {name: [] for name in pids}  # t, MB, cpu s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._began = time.monotonic()
+
+    @staticmethod
+    def read(pid: int) -> tuple[float, float]:
+        with open(f"/proc/{pid}/status") as status:
+            rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic() - self._began
+            for name, pid in self.pids.items():
+                try:
+                    rss, cpu = self.read(pid)
+                except (OSError, StopIteration):
+                    continue
+                self.series[name].append((round(now, 2), round(rss, 1), round(cpu, 2)))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, name: str) -> dict:
+        points = self.series[name]
+        if len(points) < 2:
+            return {}
+        span = points[-1][0] - points[0][0]
+        return {"rss_mb_first": points[0][1], "rss_mb_last": points[-1][1], "rss_mb_max": max(p[1] for p in points),
+                "cpu_percent": round(100 * (points[-1][2] - points[0][2]) / span, 1) if span else None}
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
+
+
+def latency_summary(load: dict, ok_status: int) -> dict:
+    samples = load["samples"]
+    ok = [latency for _, latency, status in samples if status == ok_status]
+    statuses: dict[str, int] = {}
+    for _, _, status in samples:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    wall = load["wall_seconds"]
+    return {"requests": len(samples), "ok": len(ok), "statuses": statuses, "per_second": round(len(ok) / wall, 1),
+            "p50_ms": percentile(ok, 0.50), "p99_ms": percentile(ok, 0.99), "p999_ms": percentile(ok, 0.999),
+            "mean_ms": round(statistics.fmean(ok), 2) if ok else None,
+            "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1)}
+
+
+@dataclass
+class Stack:
+    """The processes of one run, started on demand and stopped at the end."""
+
+    settings: Settings
+    workdir: Path
+    processes: list[FerryProcess] = field(default_factory=list)
+
+    def start(self, module: str, *args: str, **env: str) -> FerryProcess:
+        process = FerryProcess(module, self.settings, self.workdir / f"{module}-{len(self.processes)}",
+                               *args, **env).start()
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate(30)
+
+    async def wait_ready(self, url: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(url) as reply:
+                        if reply.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"{url} not ready after {timeout} s")
+
+    async def api(self) -> tuple[FerryProcess, str]:
+        process = self.start("api")
+        url = f"http://127.0.0.1:{self.settings.api_port}"
+        await self.wait_ready(f"{url}/health/ready")
+        return process, url
+
+    async def worker(self) -> FerryProcess:
+        process = self.start("workers")
+        await self.wait_ready(f"http://127.0.0.1:{process.web_port}/health/ready")
+        return process
+
+    def fake_provider(self, port: int, latency: float) -> FerryProcess:
+        return self.start("deploy.fakes.openai_server", "--port", str(port), "--latency", str(latency))
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def run_load(workdir: Path, mode: str, *args: str) -> dict:
+    out = workdir / f"load-{mode}-{uuid.uuid4().hex[:6]}.json"
+    subprocess.run([sys.executable, "-m", "bench.load", mode, "--out", str(out), *args], cwd=REPO_ROOT, check=True)
+    return json.loads(out.read_text())
+
+
+def stack_settings(bootstrap: str, fake_port: int) -> Settings:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    return Settings(kafka_bootstrap_servers=bootstrap, app_id=name, topic_prefix=name, api_port=free_port(),
+                    worker_max_in_flight=4000, log_level="WARNING",
+                    providers={"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}})
+
+
+async def worker_in_flight(worker: FerryProcess) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{worker.web_port}/health") as reply:
+            return (await reply.json())["in_flight"]
+
+
+async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
+    common = ("--seconds", str(sizes.seconds), "--concurrency", str(sizes.concurrency))
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "bench.bare_server", "--port", str(bare_port)], cwd=REPO_ROOT)
+    try:
+        await wait_port(bare_port)
+        bare_load = run_load(workdir, "submit", "--url", f"http://127.0.0.1:{bare_port}", *common)
+    finally:
+        bare.terminate()
+        bare.wait()
+    settings = stack_settings(bootstrap, free_port())
+    await declare_topics(settings)
+    kafka_load = run_load(workdir, "kafka", "--bootstrap", bootstrap, "--topic",
+                          f"{settings.topic_prefix}-requests-chat_completion", *common)
+    stack = Stack(settings, workdir)
+    try:
+        api, url = await stack.api()  # no worker: submits are the API's work alone
+        with Sampler({"api": api.pid}) as sampler:
+            ferry_load = run_load(workdir, "submit", "--url", url, *common)
+    finally:
+        stack.stop()
+    ferry, bare_s, kafka_s = (latency_summary(load, 202) for load in (ferry_load, bare_load, kafka_load))
+    return {"ferry": ferry | {"api": sampler.summary("api")}, "ceiling_bare_aiohttp": bare_s,
+            "ceiling_raw_aiokafka": kafka_s,
+            "ratio_to_bare": round(ferry["per_second"] / bare_s["per_second"], 3) if bare_s["per_second"] else None,
+            "ratio_to_kafka": round(ferry["per_second"] / kafka_s["per_second"], 3) if kafka_s["per_second"] else None,
+            "_loads": {"ferry": ferry_load}}
+
+
+async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: float = 0.0,
+                       rates: tuple[int, ...] | None = None) -> dict:
+    fake_port = free_port()
+    stack = Stack(stack_settings(bootstrap, fake_port), workdir)
+    results: dict = {"provider_latency_s": latency}
+    try:
+        stack.fake_provider(fake_port, latency)
+        api, url = await stack.api()
+        worker = await stack.worker()
+        # Warm up: a fresh worker's stream drops the first records it fetches and the catch-up
+        # takes them seconds later (see docs/benchmarks.md); measure the steady state.
+        await wait_all_terminal(url, await submit_many(url, 50, concurrency=10))
+        for rate in rates or sizes.rates:
+            peak = 0
+            with Sampler({"api": api.pid, "worker": worker.pid}) as sampler:
+                load = asyncio.create_task(asyncio.to_thread(
+                    run_load, workdir, "e2e", "--url", url, "--rate", str(rate), "--seconds", str(sizes.seconds)))
+                while not load.done():
+                    peak = max(peak, await worker_in_flight(worker))
+                    await asyncio.sleep(0.25)
+                loaded = await load
+            results[f"rate_{rate}"] = latency_summary(loaded, 200) | {
+                "offered_per_second": rate, "peak_in_flight": peak,
+                "api": sampler.summary("api"), "worker": sampler.summary("worker")}
+            results.setdefault("_loads", {})[f"rate_{rate}"] = loaded
+    finally:
+        stack.stop()
+    return results
+
+
+async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes, run_poll: bool) -> dict:
+    fake_port = free_port()
+    stack = Stack(stack_settings(bootstrap, fake_port), workdir)
+    results: dict = {}
+    try:
+        stack.fake_provider(fake_port, 0.0)
+        api, url = await stack.api()
+        api_rss_empty = Sampler.read(api.pid)[0]
+        ids = await submit_many(url, sizes.backlog_jobs)
+        ids_file = workdir / "backlog-ids.json"
+        ids_file.write_text(json.dumps(ids))
+        began = time.monotonic()
+        worker = stack.start("workers")
+        with Sampler({"worker": worker.pid, "api": api.pid}, interval=1.0) as sampler:
+            await wait_all_terminal(url, ids)
+        drained_in = time.monotonic() - began
+        worker_series = sampler.series["worker"]
+        results["backlog"] = {"jobs": len(ids), "seconds_from_worker_start": round(drained_in, 1),
+                              "drain_per_second": round(len(ids) / drained_in, 1),
+                              "worker": sampler.summary("worker"), "worker_rss_series": worker_series}
+        if run_poll:
+            api_rss = Sampler.read(api.pid)[0]
+            load = run_load(workdir, "poll", "--url", url, "--ids-file", str(ids_file),
+                            "--seconds", str(sizes.seconds), "--concurrency", str(sizes.concurrency))
+            results["poll"] = latency_summary(load, 200) | {
+                "jobs_in_table": len(ids), "api_rss_mb": round(api_rss, 1), "api_rss_mb_empty": round(api_rss_empty, 1),
+                # What the jobs cost, not the process's baseline.
+                "api_rss_mb_per_100k_jobs": round((api_rss - api_rss_empty) * 100_000 / len(ids), 1)}
+            results.setdefault("_loads", {})["poll"] = load
+    finally:
+        stack.stop()
+    return results
+
+
+async def submit_many(url: str, count: int, concurrency: int = 64) -> list[str]:
+    body = json.dumps({"model": "fake/gpt-4o-mini",
+                       "messages": [{"role": "user", "content": "x" * 900}]}).encode()
+    ids: list[str] = []
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def client(share: int) -> None:
+            for _ in range(share):
+                async with session.post("/v1/async/chat/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as reply:
+                    if reply.status == 202:
+                        ids.append((await reply.json())["id"])
+                    else:
+                        await asyncio.sleep(0.1)  # 503 while Kafka is slow: the job was not queued
+
+        await asyncio.gather(*(client(count // concurrency + (n < count % concurrency)) for n in range(concurrency)))
+    return ids
+
+
+async def wait_all_terminal(url: str, ids: list[str], timeout: float = 1800) -> None:
+    """Poll the last-submitted jobs first; when they are done, sweep all of them once."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(url) as session:
+        remaining = list(ids)
+        while remaining:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(remaining)} jobs not terminal after {timeout} s")
+            still = []
+            for job_id in remaining[-200:]:
+                async with session.get(f"/v1/async/chat/completions/{job_id}") as reply:
+                    if reply.status == 202:
+                        still.append(job_id)
+            if still:
+                await asyncio.sleep(0.5)
+                continue
+            for start in range(0, len(remaining), 500):
+                batch = remaining[start:start + 500]
+                statuses = await asyncio.gather(*(poll_status(session, job_id) for job_id in batch))
+                still.extend(job_id for job_id, status in zip(batch, statuses) if status == 202)
+            remaining = still
+
+
+async def poll_status(session: aiohttp.ClientSession, job_id: str) -> int:
+    async with session.get(f"/v1/async/chat/completions/{job_id}") as reply:
+        await reply.read()
+        return reply.status
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = {f"{scenario}:{name}": load for scenario, body in results["scenarios"].items()
+             for name, load in body.get("_loads", {}).items()}
+    rss = results["scenarios"].get("backlog", {}).get("backlog", {}).get("worker_rss_series")
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for name, load in loads.items():
+        latencies = sorted(latency for _, latency, _ in load["samples"])
+        if latencies:
+            axes[0].plot([100 * i / len(latencies) for i in range(len(latencies))], latencies, label=name)
+        seconds: dict[int, int] = {}
+        for started, latency, _ in load["samples"]:
+            second = int(started + latency / 1000)
+            seconds[second] = seconds.get(second, 0) + 1
+        axes[1].plot(sorted(seconds), [seconds[s] for s in sorted(seconds)], label=name)
+    axes[0].set(title="latency distribution", xlabel="percentile", ylabel="ms", yscale="log")
+    axes[1].set(title="throughput over time", xlabel="s", ylabel="answers per second")
+    if rss:
+        axes[2].plot([point[0] for point in rss], [point[1] for point in rss])
+    axes[2].set(title="worker RSS while draining the backlog", xlabel="s", ylabel="MB")
+    for axis in axes[:2]:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def machine() -> dict:
+    with open("/proc/meminfo") as meminfo:
+        total_kb = int(meminfo.readline().split()[1])
+    import aiokafka
+    import faust
+
+    return {"cores": os.cpu_count(), "memory_gib": round(total_kb / 1024 ** 2, 1), "python": platform.python_version(),
+            "kernel": platform.release(), "faust_streaming": faust.__version__, "aiokafka": aiokafka.__version__,
+            "aiohttp": aiohttp.__version__, "kafka": "4.1.1 (local KRaft broker, one node)"}
+
+
+async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
+    handle = locate(Settings())
+    workdir = out_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    workdir.mkdir(parents=True)
+    results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)}, "scenarios": {}}
+    try:
+        for scenario in scenarios:
+            print(f"bench: {scenario} ...", flush=True)
+            if scenario == "submit":
+                results["scenarios"]["submit"] = await scenario_submit(handle.bootstrap_servers, workdir, sizes)
+            elif scenario == "e2e":
+                results["scenarios"]["e2e"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes)
+            elif scenario == "inflight":
+                results["scenarios"]["inflight"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes,
+                                                                      latency=2.0, rates=(sizes.inflight_rate,))
+            elif scenario == "backlog":
+                results["scenarios"]["backlog"] = await scenario_backlog_and_poll(
+                    handle.bootstrap_servers, workdir, sizes, run_poll="poll" in scenarios)
+    finally:
+        handle.release()
+    chart(results, workdir / "chart.png")
+    for body in results["scenarios"].values():
+        body.pop("_loads", None)
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({name: {k: v for k, v in body.items() if k != "backlog" or not isinstance(v, dict)}
+                      for name, body in results["scenarios"].items()}, indent=1, default=str)[:6000])
+    print(f"bench: results in {workdir}")
+    return workdir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the speed")
+    parser.add_argument("--seconds", type=float, help="length of each timed load")
+    parser.add_argument("--rates", help="offered rates of the e2e scenario, comma-separated (jobs/s)")
+    parser.add_argument("--backlog-jobs", type=int, help="jobs queued before the worker starts")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS}")
+    if "poll" in scenarios and "backlog" not in scenarios:
+        scenarios.append("backlog")  # poll reads the table the backlog leaves
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.seconds:
+        sizes.seconds = args.seconds
+    if args.rates:
+        sizes.rates = tuple(int(rate) for rate in args.rates.split(","))
+    if args.backlog_jobs:
+        sizes.backlog_jobs = args.backlog_jobs
+    asyncio.run(run(scenarios, sizes, Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
