@@ -72,8 +72,14 @@ def _cmdline(pid: int) -> str:
 
 
 def _kafka_uuid() -> str:
-    """A cluster id in Kafka's own form: 16 random bytes, URL-safe base64, no padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A cluster id in Kafka's own form: 16 random bytes, URL-safe base64, no padding.
+
+    Never starting with "-" (as Kafka's own Uuid.randomUuid ensures): the storage tool's
+    argument parser would read such an id as an option (1 format in 64 failed that way)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass

@@ -54,3 +54,10 @@ def test_start_after_a_crash(private_broker: LocalKafka) -> None:
     assert new_pid is not None and new_pid != crashed_pid
     assert _broker_processes(private_broker.properties_file) == [new_pid]
     os.kill(new_pid, 0)
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    from deploy.kafka.broker import _kafka_uuid
+
+    ids = [_kafka_uuid() for _ in range(2000)]  # about 31 of 2000 would start with "-" unchecked
+    assert all(not cluster_id.startswith("-") and len(cluster_id) == 22 for cluster_id in ids)
