@@ -383,9 +383,12 @@ class FerryWorker:
                                              expected, message.offset)
         return [(value, offset) for offset, value in records or []]
 
-    async def _apply_value(self, value: bytes, tp, offset: int) -> None:
+    async def _apply_value(self, value: bytes, tp, offset: int, backlog: bool = False) -> None:
         try:
-            await self._apply(JobEvent.from_bytes(value))
+            event = JobEvent.from_bytes(value)
+            if backlog and event.kind == "catch_up":
+                return  # an old order: catching up starts by applying this very backlog
+            await self._apply(event)
         except Exception:
             log.exception("job event at %s offset %s could not be applied", tp, offset)
 
@@ -420,7 +423,7 @@ class FerryWorker:
             if records is None:
                 return  # stopping
             for offset, value in records:
-                await self._apply_value(value, tp, offset)
+                await self._apply_value(value, tp, offset, backlog=True)
             self._next_event_offset[tp] = max(self._next_event_offset.get(tp, 0), end)
         ready.set()
 
