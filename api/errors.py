@@ -36,6 +36,10 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, message)
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body too large: the limit is {limit} bytes", error_type="request_too_large")
+
+
 def not_found(message: str = "job not found or expired") -> ApiError:
     return ApiError(404, message, error_type="not_found_error")
 

@@ -7,7 +7,7 @@ import uuid
 
 from aiohttp import web
 
-from api.errors import ApiError, not_found, unavailable
+from api.errors import ApiError, not_found, too_large, unavailable
 from api.keys import service_key
 from api.publisher import JobPublisher, PublishUnavailable
 from api.read_model import JobReadModel, ViewUnavailable
@@ -72,26 +72,19 @@ def submit_handler(request_type: RequestType):
     return submit
 
 
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body too large: the limit is {limit} bytes", error_type="request_too_large")
-
-
 async def _read_submission(request: web.Request, request_type: RequestType, settings: Settings) -> Submission:
-    endpoints = settings.provider_endpoints
-    if request_type in FORM_RULES:
-        limit = settings.max_upload_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(limit)
-        form = await read_form(request, request_type, limit)
-        return validate_form_submit(form, request_type, endpoints)
     # The app admits uploads' larger bodies; a JSON body has its own, smaller limit.
-    limit = settings.max_request_bytes
+    is_form = request_type in FORM_RULES
+    limit = settings.max_upload_bytes if is_form else settings.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
+    if is_form:
+        form = await read_form(request, request_type, limit)  # counts what it reads against the limit
+        return validate_form_submit(form, request_type, settings.provider_endpoints)
     raw = await request.read()
     if len(raw) > limit:
-        raise _too_large(limit)
-    return validate_json_submit(raw, request_type, endpoints)
+        raise too_large(limit)
+    return validate_json_submit(raw, request_type, settings.provider_endpoints)
 
 
 def poll_handler(request_type: RequestType):

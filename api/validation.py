@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, too_large
 from app.jobs import RequestType, Target, UploadedFile
 from app.providers import CATALOGUE, RESERVED_NAMES, ProviderEndpoint
 
@@ -176,8 +176,7 @@ async def read_form(request, request_type: RequestType, max_bytes: int) -> Form:
             data = await part.read()
             total += len(data)
             if total > max_bytes:
-                raise ApiError(413, f"request body too large: the form exceeds {max_bytes} bytes",
-                               error_type="request_too_large")
+                raise too_large(max_bytes)
             if part.name in rules.file_fields or part.filename is not None:
                 if part.name not in rules.file_fields:
                     raise ValueError(f"unexpected file field {part.name!r}")

@@ -75,6 +75,14 @@ DROP = object()  # _take_request: leave the event unacked
 RANGE_CHUNK = 500  # records read from Kafka at once when taking what the stream skipped
 
 
+def _gap_before(next_offsets: dict, message) -> int | None:
+    """Where the records the stream skipped before ``message`` start (None: no gap), noting
+    that its partition continues after it. Ferry's request and event offsets have no gaps."""
+    expected = next_offsets.get(message.tp)
+    next_offsets[message.tp] = message.offset + 1
+    return expected if expected is not None and message.offset > expected else None
+
+
 def _partition_keys(partitions: int) -> dict[int, str]:
     keys: dict[int, str] = {}
     n = 0
@@ -240,10 +248,9 @@ class FerryWorker:
         and take it here, inside this event's iteration (same partition, same table partition).
         """
         message = event.message
-        expected = self._next_offset.get(message.tp)
-        self._next_offset[message.tp] = message.offset + 1
         self._last_progress[message.tp] = time.monotonic()
-        if expected is None or message.offset <= expected:
+        expected = _gap_before(self._next_offset, message)
+        if expected is None:
             return []
         log.warning("%s: offsets %d..%d were skipped by the stream; taking them now",
                     message.tp, expected, message.offset - 1)
@@ -373,9 +380,8 @@ class FerryWorker:
         does (see _take_skipped); a dropped outcome would leave its job to be called again, a
         dropped retry report would hide that the job is retrying. Event offsets have no gaps.
         """
-        expected = self._next_event_offset.get(message.tp)
-        self._next_event_offset[message.tp] = message.offset + 1
-        if expected is None or message.offset <= expected:
+        expected = _gap_before(self._next_event_offset, message)
+        if expected is None:
             return []
         log.warning("%s: job events %d..%d were skipped by the stream; applying them now",
                     message.tp, expected, message.offset - 1)

@@ -72,24 +72,12 @@ class RequestFetcher:
             return await self._consumer.end_offsets(partitions)
 
     async def fetch(self, location: RequestLocation, timeout: float = 10.0) -> JobRequest:
-        return JobRequest.from_bytes(await self.fetch_value(location, timeout))
-
-    async def fetch_value(self, location: RequestLocation, timeout: float = 10.0) -> bytes:
-        """The value of the record at ``location`` (any Ferry topic); RequestGone if deleted."""
-        tp = TopicPartition(location.topic, location.partition)
-        async with self._lock:  # one consumer, one position: fetches take turns
-            await self.start()  # a resume may come before the worker's services have started
-            self._consumer.assign([tp])
-            self._consumer.seek(tp, location.offset)
-            async with asyncio.timeout(timeout):
-                while True:
-                    records = (await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)).get(tp, [])
-                    if records:
-                        break
-        record = records[0]
-        if record.offset != location.offset:
-            raise RequestGone(f"offset {location.offset} of {tp} is gone (next is {record.offset})")
-        return record.value
+        """The request at ``location``; RequestGone if retention has removed it."""
+        records = await self.fetch_values(location.topic, location.partition, location.offset, location.offset + 1,
+                                          timeout)
+        if not records:
+            raise RequestGone(f"offset {location.offset} of {location.topic}/{location.partition} is gone")
+        return JobRequest.from_bytes(records[0][1])
 
     async def fetch_values(self, topic: str, partition: int, start: int, end: int,
                            timeout: float = 30.0) -> list[tuple[int, bytes]]:
@@ -99,12 +87,12 @@ class RequestFetcher:
         """
         tp = TopicPartition(topic, partition)
         found: list[tuple[int, bytes]] = []
-        async with self._lock:
-            await self.start()
+        async with self._lock:  # one consumer, one position: reads take turns
+            await self.start()  # a resume may come before the worker's services have started
             self._consumer.assign([tp])
             self._consumer.seek(tp, start)
             async with asyncio.timeout(timeout):
-                while not found or found[-1][0] < end - 1:
+                while True:
                     batch = (await self._consumer.getmany(tp, timeout_ms=1000, max_records=1000)).get(tp, [])
                     found.extend((record.offset, record.value) for record in batch if record.offset < end)
                     if batch and batch[-1].offset >= end - 1:

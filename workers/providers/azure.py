@@ -26,6 +26,6 @@ class AzureAdapter(OpenAICompatAdapter):
         version = endpoint.api_version or DEFAULT_API_VERSION
         url = (f"{endpoint.base_url}/openai/deployments/{quote(model, safe='')}{PATHS[request_type]}"
                f"?api-version={quote(version, safe='')}")
-        headers = {"api-key": endpoint.api_key} if endpoint.api_key else {}
+        auth = {"api-key": endpoint.api_key} if endpoint.api_key else {}
         # The deployment in the URL names the model; the body does not carry one.
-        return build_http_request(url, headers, request_type, None, body, files)
+        return build_http_request(url, auth, None, body, files)

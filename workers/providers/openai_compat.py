@@ -39,13 +39,6 @@ PATHS = {
 }
 
 
-def multipart_parts(model: str, body: Mapping[str, Any], files: Sequence[UploadedFile]):
-    """Form fields and file parts of a multipart request, the model replaced by the target's."""
-    data = {**body, "model": model}
-    parts = [(upload.field, (upload.filename, upload.data, upload.content_type)) for upload in files]
-    return data, parts
-
-
 def speech_result(response: HttpResponse) -> dict[str, Any]:
     """Audio bytes as the contract's JSON speech result."""
     content_type = response.headers.get("content-type", "application/octet-stream")
@@ -83,24 +76,23 @@ def openai_failure(response: HttpResponse) -> ProviderFailure:
     return text_failure(response)
 
 
-def build_http_request(url: str, headers: dict[str, str], request_type: RequestType, model: str | None,
-                       body: Mapping[str, Any], files: Sequence[UploadedFile]) -> HttpRequest:
-    """A JSON or multipart request with the model set (``None``: the URL names it, as Azure's does)."""
-    headers = {"Accept": "application/json", **headers}
+def build_http_request(url: str, auth: dict[str, str], model: str | None, body: Mapping[str, Any],
+                       files: Sequence[UploadedFile]) -> HttpRequest:
+    """A JSON request, or a multipart form when there are files, with the target's model set
+    (``None``: the URL names the model, as Azure's does); ``auth`` is the key's header."""
+    fields = dict(body) if model is None else {**body, "model": model}
     if files:
-        data, parts = multipart_parts(model, body, files)
-        if model is None:
-            data.pop("model")
-        return HttpRequest("POST", url, headers, data=data, files=parts)
-    payload = dict(body) if model is None else {**body, "model": model}
-    return HttpRequest("POST", url, {"Content-Type": "application/json", **headers}, json=payload)
+        parts = [(upload.field, (upload.filename, upload.data, upload.content_type)) for upload in files]
+        return HttpRequest("POST", url, {"Accept": "application/json", **auth}, data=fields, files=parts)
+    return HttpRequest("POST", url, {"Content-Type": "application/json", "Accept": "application/json", **auth},
+                       json=fields)
 
 
 class OpenAICompatAdapter:
     def build_request(self, endpoint: ProviderEndpoint, request_type: RequestType, model: str,
                       body: Mapping[str, Any], files: Sequence[UploadedFile] = ()) -> HttpRequest:
-        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-        return build_http_request(endpoint.base_url + PATHS[request_type], headers, request_type, model, body, files)
+        auth = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        return build_http_request(endpoint.base_url + PATHS[request_type], auth, model, body, files)
 
     def parse_result(self, request_type: RequestType, response: HttpResponse, *, model: str,
                      body: Mapping[str, Any]) -> dict[str, Any]:
