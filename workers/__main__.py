@@ -16,7 +16,12 @@ def main() -> None:
     settings.require_bootstrap_servers()
     asyncio.run(declare_topics(settings))
     worker = FerryWorker(settings)
-    faust.Worker(worker.app, loglevel=settings.log_level).execute_from_commandline()
+    process = faust.Worker(worker.app, loglevel=settings.log_level)
+    # Faust's start-up spinner sets the root logger to DEBUG whenever the level is WARNING or
+    # above, so every debug call in aiokafka and httpcore builds a record that is then dropped
+    # (about a tenth of the worker's CPU under load). Ferry logs to files and pods, not a TTY.
+    process.spinner = None
+    process.execute_from_commandline()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ How a job flows
    in-flight slot, writes ``processing`` (attempts + 1, and where the request sits) to the
    table, hands the call to the runner, and acks the event.
 3. The runner calls the provider (``workers/caller.py``, with retries and per-provider limits)
-   in a task of its own and sends the ``Outcome`` to the job-events topic.
-4. ``apply_job_events`` writes the terminal state (``completed`` or ``failed``, ``expires_at``)
-   to the table. The first outcome wins; later ones are counted as duplicates.
+   in a task of its own, and the worker writes the terminal state (``completed`` or ``failed``,
+   ``expires_at``) to the table, awaiting Kafka's acknowledgement. The first outcome wins;
+   later ones are counted as duplicates.
+4. If a rebalance took the job's partition away during the call, the outcome goes to the
+   job-events topic instead, and ``apply_job_events`` in the partition's new owner writes it.
 5. A maintenance timer sends ``expire`` orders for jobs past ``expires_at`` (the events agent
    deletes them: a tombstone on the changelog) and ``resume`` orders for jobs that are
    ``processing`` in this worker's partitions but run nowhere here (their worker died); the
@@ -28,8 +30,8 @@ Why a job can't be lost or stuck
 - A crash after it leaves the job ``processing`` in the changelog; whichever worker owns the
   partition next recovers the table and resumes the job (step 5), reading the request again
   from its recorded offset.
-- Outcomes travel through Kafka (acks=all) before they touch the table, and the runner retries
-  the send until Kafka takes it; a crash in between resumes the job instead.
+- An outcome's changelog write is sent again until Kafka acknowledges it (the runner holds the
+  call's slot meanwhile); a crash before that resumes the job instead.
 - Acks are in offset order per partition (``workers/acks.py``), which avoids Faust's
   out-of-order commit bug (faust-streaming #606) that agent ``concurrency > 1`` triggers.
 - Agents catch every error per event: Faust would otherwise ack a failed event silently.
@@ -97,6 +99,12 @@ class JobsTable(faust.Table):
 
     last_write: asyncio.Future | None = None
 
+    def partition_for_key(self, key: bytes) -> int:
+        # A job's partition is Ferry's rule (app.topics.partition_for), shared with the API and
+        # the request topics, not "the partition of the event being processed": so the runner
+        # can write an outcome from its own task, outside any stream iteration.
+        return partition_for(key.decode(), self.partitions)
+
     def send_changelog(self, *args, **kwargs):
         self.last_write = super().send_changelog(*args, **kwargs)
         return self.last_write
@@ -122,7 +130,7 @@ class FerryWorker:
                                       partitions=partitions, config=request_topic_config(settings))
         self.caller = ProviderCaller(settings, transport)
         self.fetcher = RequestFetcher(settings)
-        self.runner = JobRunner(self.caller, self.send_event, settings.worker_max_in_flight)
+        self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight)
         self.acks = OrderedAcks()
         self._next_offset: dict[TP, int] = {}  # per request partition: the next offset to take
         self._next_event_offset: dict[TP, int] = {}  # per job-events partition: the next to apply
@@ -135,6 +143,9 @@ class FerryWorker:
         self._events_applied: dict[int, asyncio.Event] = {}
         self._events_backlog_end: dict[int, int] = {}
         self._events_locks: dict[int, asyncio.Lock] = {}
+        # Outcomes sent to the job-events topic (their partition moved away during the call) and
+        # not applied here yet: their jobs are not to be resumed meanwhile.
+        self._outcomes_in_transit: set[str] = set()
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
@@ -205,6 +216,48 @@ class FerryWorker:
             self._processing.discard(state.id)
         if state.expires_at is not None:
             heapq.heappush(self._expiries, (state.expires_at, state.id))
+
+    def _owns(self, partition: int) -> bool:
+        """Whether this worker may write the partition's jobs: assigned and recovered."""
+        return not self.app.rebalancing and partition in self._owned_partitions()
+
+    def _busy_with(self, job_id: str) -> bool:
+        """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
+        return job_id in self.runner.in_flight or job_id in self._outcomes_in_transit
+
+    async def record(self, event: JobEvent) -> None:
+        """Record a call's outcome or retry report (the runner's ``report``).
+
+        Written to the table here when this worker owns the job's partition; otherwise sent
+        through the job-events topic to the worker that does.
+        """
+        partition = partition_for(event.id, self.settings.topic_partitions)
+        if not self._owns(partition):
+            if event.kind == "outcome":
+                self._outcomes_in_transit.add(event.id)
+            await self.send_event(event)
+            return
+        self.table.last_write = None
+        self._apply_report(event, self.get(event.id))
+        if event.kind == "outcome" and self.table.last_write is not None:
+            await self._until_acknowledged(event.id.encode(), partition, self.table.last_write)
+
+    async def _until_acknowledged(self, key: bytes, partition: int, write: asyncio.Future) -> None:
+        """Await a changelog write, sending the key's current value again while Kafka refuses it:
+        the table already holds it, so nothing else would ever write it to Kafka."""
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.shield(write)
+                return
+            except Exception as exc:
+                log.warning("changelog write of %s failed (%s); again in %.1f s", key, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            value = self.table.get(key)
+            if value is None or not self._owns(partition):
+                return  # deleted since, or the partition moved: its new owner resumes the job
+            write = self.table.send_changelog(partition, key, value)
 
     async def send_event(self, event: JobEvent) -> None:
         partition = partition_for(event.id, self.settings.topic_partitions)
@@ -317,7 +370,7 @@ class FerryWorker:
         if wait_events:
             await self._wait_events_applied(where.partition)
         state = self.get(request.id)
-        if (state is not None and state.status.is_terminal) or self.runner.busy_with(request.id):
+        if (state is not None and state.status.is_terminal) or self._busy_with(request.id):
             return None
         location = RequestLocation(topic=where.topic, partition=where.partition, offset=where.offset)
         state = state or JobState.pending(request)
@@ -326,7 +379,7 @@ class FerryWorker:
             return self.table.last_write
         if not await self.runner.wait_for_slot():
             return DROP  # stopping: the agent acks nothing from here on
-        if self.runner.busy_with(request.id):  # taken by the other agent while this one waited
+        if self._busy_with(request.id):  # taken by the other agent while this one waited
             self.runner.release_slot()
             return None
         # If the partition was revoked while this event waited for a slot, the job is started
@@ -443,25 +496,30 @@ class FerryWorker:
         state = self.get(event.id)
         if event.kind == "catch_up":
             await self._catch_up(partition_for(event.id, self.settings.topic_partitions))
-        elif event.kind == "outcome":
-            self.runner.finishing.discard(event.id)
-            if state is None:
-                return  # expired and deleted, or never known: nothing to finish
-            if state.status.is_terminal:
-                self.duplicate_outcomes += 1
-                return
-            self._put(state.finished(event.outcome))
-        elif event.kind == "retrying":
-            if state is not None and state.status is JobStatus.processing:
-                self._put(state.retrying(event.retry))
+        elif event.kind in ("outcome", "retrying"):
+            if event.kind == "outcome":
+                self._outcomes_in_transit.discard(event.id)
+            self._apply_report(event, state)
         elif event.kind == "expire":
             if state is not None and state.is_expired():
                 del self.table[event.id.encode()]
         elif event.kind == "resume":
             # Only if nobody started the job since the order was given: orders repeat every tick.
             if (state is not None and state.status is JobStatus.processing and state.attempts == event.attempts
-                    and not self.runner.busy_with(event.id)):
+                    and not self._busy_with(event.id)):
                 await self._resume(state)
+
+    def _apply_report(self, event: JobEvent, state: JobState | None) -> None:
+        """Write an outcome or a retry report to the table (no await: one step on the loop)."""
+        if state is None:
+            return  # expired and deleted, or never known: nothing to finish
+        if event.kind == "retrying":
+            if state.status is JobStatus.processing:
+                self._put(state.retrying(event.retry))
+        elif state.status.is_terminal:
+            self.duplicate_outcomes += 1
+        else:
+            self._put(state.finished(event.outcome))
 
     async def _resume(self, state: JobState) -> None:
         try:
@@ -499,7 +557,7 @@ class FerryWorker:
         self._next_offset.clear()
         self._next_event_offset.clear()
         self._last_progress.clear()
-        self.runner.finishing.clear()
+        self._outcomes_in_transit.clear()
 
     async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
         """Note where each request partition starts, to see what the stream skips."""
@@ -547,7 +605,7 @@ class FerryWorker:
         while self._expiries and self._expiries[0][0] <= now:
             _, job_id = heapq.heappop(self._expiries)
             orders.append(JobEvent(id=job_id, kind="expire"))
-        for job_id in self._processing - self.runner.in_flight.keys() - self.runner.finishing:
+        for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit:
             if not self._events_ready(partition_for(job_id, self.settings.topic_partitions)).is_set():
                 continue
             state = self.get(job_id)

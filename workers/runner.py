@@ -1,4 +1,4 @@
-"""Running provider calls outside the agents' streams, and reporting their outcomes to Kafka.
+"""Running provider calls outside the agents' streams, and reporting how they went.
 
 An agent that awaited each provider call would hold its partition for minutes and stall every
 rebalance; an agent with ``concurrency > 1`` may commit past messages still in flight. So the
@@ -7,10 +7,9 @@ call to this runner, and moves on. The runner:
 
 - bounds the calls in flight (``worker_max_in_flight``); the agent waits for a slot before
   taking a job, so excess jobs wait in Kafka, not in memory;
-- runs each call as a task and sends its ``Outcome`` to the job-events topic, retrying the
-  send until Kafka acknowledges it, because table writes are only legal inside a stream: the
-  events agent applies the outcome to the table;
-- reports each provider retry as a ``retrying`` event, so a poll shows why the job waits;
+- runs each call as a task and hands its ``Outcome`` to ``report`` (the worker records it in
+  the jobs table), retrying until that succeeds: a lost outcome would mean a second call;
+- reports each provider retry the same way, so a poll shows why the job waits;
 - on shutdown, stops handing out slots and lets the calls in flight finish, up to a deadline.
 """
 
@@ -25,18 +24,16 @@ from workers.caller import ProviderCaller, service_error
 
 log = logging.getLogger(__name__)
 
-SendEvent = Callable[[JobEvent], Awaitable[None]]
+Report = Callable[[JobEvent], Awaitable[None]]
 
 
 class JobRunner:
-    def __init__(self, caller: ProviderCaller, send_event: SendEvent, max_in_flight: int) -> None:
+    def __init__(self, caller: ProviderCaller, report: Report, max_in_flight: int) -> None:
         self._caller = caller
-        self._send_event = send_event
+        self._report = report
         self._slots = asyncio.Semaphore(max_in_flight)
         self._stopping = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task] = {}
-        # Calls that ended and whose outcome is on its way to the table: not to be started again.
-        self.finishing: set[str] = set()
 
     @property
     def full(self) -> bool:
@@ -82,20 +79,15 @@ class JobRunner:
                                       None, request.request_type)
                 outcome = Outcome(status_code=500, error=error)
             await self._deliver(JobEvent(id=request.id, kind="outcome", outcome=outcome))
-            self.finishing.add(request.id)
         finally:
             self.in_flight.pop(request.id, None)
             self._slots.release()
-
-    def busy_with(self, job_id: str) -> bool:
-        """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
-        return job_id in self.in_flight or job_id in self.finishing
 
     async def _report_retry(self, request: JobRequest, retry: RetryInfo) -> None:
         # Informational: a report that Kafka cannot take at once is dropped, the retry goes on.
         try:
             async with asyncio.timeout(2.0):
-                await self._send_event(JobEvent(id=request.id, kind="retrying", retry=retry))
+                await self._report(JobEvent(id=request.id, kind="retrying", retry=retry))
         except Exception as exc:
             log.info("job %s: retry report not delivered (%s)", request.id, type(exc).__name__)
 
@@ -103,7 +95,7 @@ class JobRunner:
         delay = 0.1
         while True:
             try:
-                await self._send_event(event)
+                await self._report(event)
                 return
             except asyncio.CancelledError:
                 raise

@@ -1,0 +1,59 @@
+"""Where a call's outcome is recorded: in the table by the worker that owns the job's partition,
+or through the job-events topic when the partition is not (or no longer) this worker's."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka import TopicPartition
+
+from app.jobs import JobEvent
+from app.settings import Settings
+from app.topics import job_events_topic, partition_for
+from tests.conftest import wait_until
+from workers.app import FerryWorker
+
+CHAT = "/v1/async/chat/completions"
+BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_the_table_puts_each_job_where_the_api_and_the_request_topics_do(settings: Settings) -> None:
+    table = FerryWorker(settings, web_enabled=False).table
+    ids = [f"job-{n}" for n in range(200)]
+    assert [table.partition_for_key(i.encode()) for i in ids] == [partition_for(i, settings.topic_partitions)
+                                                                   for i in ids]
+    assert len({table.partition_for_key(i.encode()) for i in ids}) == settings.topic_partitions
+
+
+async def job_events_of(worker: FerryWorker, job_id: str) -> list[JobEvent]:
+    tp = TopicPartition(job_events_topic(worker.settings), partition_for(job_id, worker.settings.topic_partitions))
+    end = (await worker.fetcher.end_offsets([tp]))[tp]
+    records = await worker.fetcher.fetch_values(tp.topic, tp.partition, 0, end) if end else []
+    return [event for event in (JobEvent.from_bytes(value) for _, value in records) if event.id == job_id]
+
+
+async def completed(api, job_id: str) -> dict:
+    async def done():
+        response = await api.get(f"{CHAT}/{job_id}")
+        return await response.json() if response.status == 200 else None
+
+    return await wait_until(done, 60, "the job to complete")
+
+
+@pytest.mark.timeout(240)
+async def test_the_owner_writes_the_outcome_to_the_table_without_a_job_event(api, worker: FerryWorker) -> None:
+    job_id = (await (await api.post(CHAT, json=BODY)).json())["id"]
+    assert (await completed(api, job_id))["status"] == "completed"
+    assert await job_events_of(worker, job_id) == []
+
+
+@pytest.mark.timeout(240)
+async def test_an_outcome_for_a_partition_not_owned_goes_through_job_events(api, worker: FerryWorker) -> None:
+    # As after a rebalance that moved the partition during the call: the outcome is sent to the
+    # job-events topic, and the partition's owner (here the same worker's events agent) applies it.
+    worker._owns = lambda partition: False
+    job_id = (await (await api.post(CHAT, json=BODY)).json())["id"]
+    job = await completed(api, job_id)
+    assert job["status"] == "completed" and job["result"]["choices"][0]["message"]["content"]
+    assert [e.kind for e in await job_events_of(worker, job_id)] == ["outcome"]
+    assert worker.counters()["duplicate_outcomes"] == 0
+    assert not worker._busy_with(job_id)
