@@ -9,6 +9,7 @@ start-up and pass it down.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,6 +87,10 @@ class Settings(BaseSettings):
     # -- Worker ---------------------------------------------------------------------------------
     worker_web_port: int = Field(6066, description="Port of the worker's health endpoint.")
     worker_data_dir: str = Field(".local/faust", description="Where Faust keeps its local files.")
+    worker_table_store: Literal["rocksdb", "memory"] = Field(
+        "rocksdb", description="Where a worker keeps the jobs table: RocksDB files under worker_data_dir "
+        "(memory stays flat however many jobs it holds) or memory (no files; grows with the jobs held)."
+    )
     worker_max_in_flight: int = Field(
         2000, ge=1, description="Provider calls one worker process runs at once; more jobs wait in Kafka."
     )

@@ -13,6 +13,7 @@ pending record lands in the changelog partition the worker will later write.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -50,6 +51,7 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-{JOBS_TABLE}-changelog"
 
 
+@functools.lru_cache(maxsize=65536)  # murmur2 is pure Python; a worker asks about a job several times
 def partition_for(job_id: str, partitions: int) -> int:
     """The partition of a job in every Ferry topic: Kafka's default (murmur2) key hash.
 

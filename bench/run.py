@@ -272,11 +272,19 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
         began = time.monotonic()
         worker = stack.start("workers")
         with Sampler({"worker": worker.pid, "api": api.pid}, interval=1.0) as sampler:
+            # The target is flat memory "from the first to the last job": the RSS when the first
+            # job is done (the worker is up and working), then when the last one is.
+            await wait_all_terminal(url, ids[:1])
+            rss_at_first = Sampler.read(worker.pid)[0]
             await wait_all_terminal(url, ids)
+            rss_at_last = Sampler.read(worker.pid)[0]
         drained_in = time.monotonic() - began
         worker_series = sampler.series["worker"]
         results["backlog"] = {"jobs": len(ids), "seconds_from_worker_start": round(drained_in, 1),
                               "drain_per_second": round(len(ids) / drained_in, 1),
+                              "worker_rss_mb_at_first_job": round(rss_at_first, 1),
+                              "worker_rss_mb_at_last_job": round(rss_at_last, 1),
+                              "worker_rss_growth_percent": round(100 * (rss_at_last / rss_at_first - 1), 1),
                               "worker": sampler.summary("worker"), "worker_rss_series": worker_series}
         if run_poll:
             api_rss = Sampler.read(api.pid)[0]

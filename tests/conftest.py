@@ -58,10 +58,11 @@ def unique_id() -> str:
 
 
 @pytest.fixture
-def settings(kafka_bootstrap: str, unique_id: str) -> Settings:
-    """Settings whose app id and topic names belong to this test alone."""
+def settings(kafka_bootstrap: str, unique_id: str, tmp_path: Path) -> Settings:
+    """Settings whose app id, topic names and worker files belong to this test alone."""
     return Settings(
         kafka_bootstrap_servers=kafka_bootstrap,
+        worker_data_dir=str(tmp_path / "faust"),
         app_id=f"ferry-{unique_id}",
         topic_prefix=f"ferry-{unique_id}",
         topic_partitions=4,

@@ -15,7 +15,9 @@ How a job flows
    ``expires_at``) to the table, awaiting Kafka's acknowledgement. The first outcome wins;
    later ones are counted as duplicates.
 4. If a rebalance took the job's partition away during the call, the outcome goes to the
-   job-events topic instead, and ``apply_job_events`` in the partition's new owner writes it.
+   job-events topic instead, and ``apply_job_events`` in the partition's new owner writes it;
+   if the worker is stopping, straight to the changelog (see ``record``).
+   The table lives in RocksDB (``workers/jobs_table.py``): memory does not grow with the jobs.
 5. A maintenance timer sends ``expire`` orders for jobs past ``expires_at`` (the events agent
    deletes them: a tombstone on the changelog) and ``resume`` orders for jobs that are
    ``processing`` in this worker's partitions but run nowhere here (their worker died); the
@@ -34,11 +36,15 @@ Why a job can't be lost or stuck
   call's slot meanwhile); a crash before that resumes the job instead.
 - Acks are in offset order per partition (``workers/acks.py``), which avoids Faust's
   out-of-order commit bug (faust-streaming #606) that agent ``concurrency > 1`` triggers.
-- Agents catch every error per event: Faust would otherwise ack a failed event silently.
+- Agents catch every error per event: Faust would otherwise ack a failed event silently. A
+  request that cannot be taken for any reason but being unparsable is tried again, not acked.
+- Once the worker is stopping, the agents neither apply nor ack what the streams still deliver
+  (Faust has revoked the tables by then); the partition's next owner does.
 - The request agent never awaits a provider call, so rebalances are not held up by slow calls
   (``stream_wait_empty`` is off).
 - On SIGTERM the worker stops taking jobs, lets calls in flight finish for
-  ``worker_shutdown_grace_seconds``, then leaves; what did not finish is resumed (step 5).
+  ``worker_shutdown_grace_seconds`` (their outcomes written to the changelog), then leaves;
+  what did not finish is resumed (step 5).
 
 What can still happen twice: a provider call in flight when its worker dies is made again by
 the next owner. Every such restart is counted (``possible_duplicate_calls`` on ``/health``),
@@ -48,15 +54,14 @@ and the job's ``attempts`` says how many workers started it.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from datetime import datetime
 
 import faust
 import httpx
 import mode
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from faust.types import TP
 
 from app.faust_app import create_app
@@ -68,6 +73,8 @@ from app.topics import (
 )
 from workers.acks import OrderedAcks
 from workers.caller import ProviderCaller, service_error
+from workers.expiry import ExpiryIndex
+from workers.jobs_table import JobsTable
 from workers.request_fetcher import RequestFetcher, RequestGone
 from workers.runner import JobRunner
 
@@ -75,13 +82,17 @@ log = logging.getLogger(__name__)
 
 DROP = object()  # _take_request: leave the event unacked
 RANGE_CHUNK = 500  # records read from Kafka at once when taking what the stream skipped
+# Records one catch-up order takes at most: it runs in the events agent, which applies nothing
+# else meanwhile; the next maintenance tick orders more if the stream is still behind.
+CATCH_UP_LIMIT = 2000
 
 
 def _gap_before(next_offsets: dict, message) -> int | None:
     """Where the records the stream skipped before ``message`` start (None: no gap), noting
     that its partition continues after it. Ferry's request and event offsets have no gaps."""
     expected = next_offsets.get(message.tp)
-    next_offsets[message.tp] = message.offset + 1
+    # Never backwards: a record below it was taken already (the catch-up may have run ahead).
+    next_offsets[message.tp] = max(message.offset + 1, expected or 0)
     return expected if expected is not None and message.offset > expected else None
 
 
@@ -94,22 +105,6 @@ def _partition_keys(partitions: int) -> dict[int, str]:
     return keys
 
 
-class JobsTable(faust.Table):
-    """The jobs table, remembering its last changelog write so that a caller can await it."""
-
-    last_write: asyncio.Future | None = None
-
-    def partition_for_key(self, key: bytes) -> int:
-        # A job's partition is Ferry's rule (app.topics.partition_for), shared with the API and
-        # the request topics, not "the partition of the event being processed": so the runner
-        # can write an outcome from its own task, outside any stream iteration.
-        return partition_for(key.decode(), self.partitions)
-
-    def send_changelog(self, *args, **kwargs):
-        self.last_write = super().send_changelog(*args, **kwargs)
-        return self.last_write
-
-
 class FerryWorker:
     """The Faust app with Ferry's table, topics, agents and timer, and the resources they share."""
 
@@ -117,7 +112,10 @@ class FerryWorker:
                  **app_overrides) -> None:
         self.settings = settings
         partitions = settings.topic_partitions
-        self.app = app = create_app(settings, stream_wait_empty=False, Table=JobsTable, **app_overrides)
+        # The store is set on the app: a table's own store="rocksdb://" is ignored by Faust 0.15.3
+        # (a yarl URL without host or path is falsy, so it falls back to the app's).
+        self.app = app = create_app(settings, stream_wait_empty=False, Table=JobsTable,
+                                    store=f"{settings.worker_table_store}://", **app_overrides)
         self.table = app.Table(
             JOBS_TABLE, partitions=partitions, key_type=bytes, value_type=bytes,  # raw: our JSON
             extra_topic_configs={k: v for k, v in changelog_topic_config(settings).items() if k != "cleanup.policy"},
@@ -133,6 +131,9 @@ class FerryWorker:
         self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight)
         self.acks = OrderedAcks()
         self._next_offset: dict[TP, int] = {}  # per request partition: the next offset to take
+        # Per request partition: offsets below this were taken by a catch-up, their writes
+        # acknowledged; the stream delivering them later has nothing to do but ack them.
+        self._taken_below: dict[TP, int] = {}
         self._next_event_offset: dict[TP, int] = {}  # per job-events partition: the next to apply
         self._last_progress: dict[TP, float] = {}  # per request partition: when it last moved
         self._catch_up_after = max(5.0, 3 * settings.worker_maintenance_interval_seconds)
@@ -146,11 +147,14 @@ class FerryWorker:
         # Outcomes sent to the job-events topic (their partition moved away during the call) and
         # not applied here yet: their jobs are not to be resumed meanwhile.
         self._outcomes_in_transit: set[str] = set()
+        # The state each call in flight was started with: its outcome can be written without
+        # the table (see record).
+        self._running: dict[str, JobState] = {}
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
         # What the maintenance timer looks at, kept beside the table so it never scans it.
-        self._expiries: list[tuple[datetime, str]] = []
+        self._expiries = ExpiryIndex()
         self._processing: set[str] = set()
 
         app.agent(self.requests, name="take_requests")(self._take_requests)
@@ -201,7 +205,7 @@ class FerryWorker:
     # -- table access -------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobState | None:
-        raw = self.table.get(job_id.encode())
+        raw = self.table.data.get(job_id.encode())  # the store itself: one lookup, not two
         return JobState.from_bytes(raw) if raw is not None else None
 
     def _put(self, state: JobState) -> None:
@@ -215,11 +219,12 @@ class FerryWorker:
         else:
             self._processing.discard(state.id)
         if state.expires_at is not None:
-            heapq.heappush(self._expiries, (state.expires_at, state.id))
+            self._expiries.add(state.expires_at, state.id)
 
     def _owns(self, partition: int) -> bool:
-        """Whether this worker may write the partition's jobs: assigned and recovered."""
-        return not self.app.rebalancing and partition in self._owned_partitions()
+        """Whether this worker may write the partition's jobs: assigned, recovered, and not
+        stopping (Faust stops the tables before the calls in flight are drained)."""
+        return not (self.app.should_stop or self.app.rebalancing) and partition in self._owned_partitions()
 
     def _busy_with(self, job_id: str) -> bool:
         """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
@@ -228,23 +233,35 @@ class FerryWorker:
     async def record(self, event: JobEvent) -> None:
         """Record a call's outcome or retry report (the runner's ``report``).
 
-        Written to the table here when this worker owns the job's partition; otherwise sent
-        through the job-events topic to the worker that does.
+        - This worker owns the job's partition: written to the table.
+        - It is stopping (SIGTERM, calls in flight drained): Faust has already revoked the tables,
+          and what its streams still deliver it acks without our agents seeing it, so an outcome
+          sent to job events could be committed past unread. The finished state goes straight to
+          the changelog instead; the next owner recovers it from there.
+        - A rebalance moved the partition away during the call: through the job-events topic,
+          which the partition's new owner applies.
         """
         partition = partition_for(event.id, self.settings.topic_partitions)
-        if not self._owns(partition):
+        started = self._running.pop(event.id, None) if event.kind == "outcome" else None
+        state = self.get(event.id) if self._owns(partition) else None
+        if state is None and self.app.should_stop and started is not None:
+            key = event.id.encode()
+            await self.table.send_changelog(partition, key, started.finished(event.outcome).to_bytes())
+            return
+        if state is None:  # not owned, or expired meanwhile: the owner decides
             if event.kind == "outcome":
                 self._outcomes_in_transit.add(event.id)
             await self.send_event(event)
             return
         self.table.last_write = None
-        self._apply_report(event, self.get(event.id))
+        self._apply_report(event, state)
         if event.kind == "outcome" and self.table.last_write is not None:
             await self._until_acknowledged(event.id.encode(), partition, self.table.last_write)
 
     async def _until_acknowledged(self, key: bytes, partition: int, write: asyncio.Future) -> None:
         """Await a changelog write, sending the key's current value again while Kafka refuses it:
-        the table already holds it, so nothing else would ever write it to Kafka."""
+        the table already holds it, so nothing else would ever write it to Kafka. Raises if the
+        partition is no longer this worker's: the caller then reports through job events."""
         delay = 0.1
         while True:
             try:
@@ -252,11 +269,15 @@ class FerryWorker:
                 return
             except Exception as exc:
                 log.warning("changelog write of %s failed (%s); again in %.1f s", key, type(exc).__name__, delay)
+                if not self._owns(partition):
+                    raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             value = self.table.get(key)
-            if value is None or not self._owns(partition):
-                return  # deleted since, or the partition moved: its new owner resumes the job
+            if value is None:
+                return  # expired and deleted since
+            if not self._owns(partition):
+                raise RuntimeError(f"partition {partition} moved away before the write of {key!r} was acknowledged")
             write = self.table.send_changelog(partition, key, value)
 
     async def send_event(self, event: JobEvent) -> None:
@@ -268,13 +289,27 @@ class FerryWorker:
 
     async def _take_requests(self, stream: faust.StreamT) -> None:
         async for event in stream.noack().events():
-            try:
-                write = await self._take_request(event)
-            except Exception:
-                log.exception("request at %s offset %s could not be taken", event.message.tp, event.message.offset)
-                write = None  # a request that cannot be read never will be: do not block its partition
+            if self.app.should_stop:
+                continue  # see _apply_job_events: left unacked, taken by the next owner
+            write = await self._take_request_until_done(event)
             if write is not DROP:
                 self.acks.ack_after(event, write)
+
+    async def _take_request_until_done(self, event: faust.EventT):
+        """_take_request, tried again after an unexpected error: acking a request that was not
+        taken would lose its job. Only a request that cannot be parsed is acked untaken."""
+        while True:
+            try:
+                return await self._take_request(event)
+            except ValidationError:
+                log.exception("request at %s offset %s is unreadable; skipped", event.message.tp, event.message.offset)
+                return None  # it never will be readable: do not block its partition
+            except Exception:
+                if self.runner.stopping:
+                    return DROP  # e.g. the fetcher closed under a read: the next owner takes it
+                log.exception("request at %s offset %s could not be taken; trying again",
+                              event.message.tp, event.message.offset)
+                await asyncio.sleep(1.0)
 
     async def _take_request(self, event: faust.EventT):
         """Start the job of one request event.
@@ -282,16 +317,15 @@ class FerryWorker:
         Returns the changelog write to await before acking the event, None to ack it at once,
         or DROP to leave it unacked (its partition was revoked: the new owner reads it).
         """
-        skipped_writes = await self._take_skipped(event)
-        if skipped_writes is DROP:
+        message = event.message
+        if message.offset < self._taken_below.get(message.tp, 0):
+            self._last_progress[message.tp] = time.monotonic()
+            return None  # a catch-up took it, and its write is acknowledged
+        if await self._take_skipped(event) is DROP:
             return DROP  # stopping before the gap was taken: acking this event would commit past it
-        write = await self._take(JobRequest.from_bytes(event.value), event.message)
-        writes = [w for w in (*skipped_writes, write) if w is not None]
-        if write is DROP or not writes:
-            return write
-        return writes[0] if len(writes) == 1 else asyncio.gather(*writes)
+        return await self._take(JobRequest.from_bytes(event.value), message)
 
-    async def _take_skipped(self, event: faust.EventT) -> list:
+    async def _take_skipped(self, event: faust.EventT):
         """Take the requests Faust skipped before this event in its partition, if any.
 
         Faust drops (and acks) records it fetched while its flow control was paused or under an
@@ -312,11 +346,13 @@ class FerryWorker:
     async def _take_range(self, tp: TP, start: int, end: int, wait_events: bool = True):
         """Read offsets [start, end) of a request partition from Kafka and take each request.
 
-        Returns the table writes to await, or DROP if the worker began stopping before the
-        whole range was taken (then nothing past ``start`` may be committed by this worker).
+        Returns once the table writes of the whole range are acknowledged (awaited a chunk at a
+        time: a range can be a backlog of many thousands), or DROP if the worker began stopping
+        or a write failed before that (then nothing past ``start`` may be committed by this
+        worker; the range is taken again, here or by the partition's next owner).
         """
-        writes = []
         for first in range(start, end, RANGE_CHUNK):
+            writes = []
             last = min(end, first + RANGE_CHUNK)
             # Kafka being slow or away is retried: skipping the records would lose their jobs.
             records = await self._when_reachable(self.fetcher.fetch_values, tp.topic, tp.partition, first, last)
@@ -325,15 +361,22 @@ class FerryWorker:
             for offset, value in records:
                 location = RequestLocation(topic=tp.topic, partition=tp.partition, offset=offset)
                 try:
-                    write = await self._take(JobRequest.from_bytes(value), location, wait_events)
-                except Exception:
-                    log.exception("skipped request at %s offset %d could not be taken", tp, offset)
+                    request = JobRequest.from_bytes(value)
+                except ValidationError:
+                    log.exception("request at %s offset %d is unreadable; skipped", tp, offset)
                     continue
+                write = await self._take(request, location, wait_events)
                 if write is DROP:
                     return DROP
                 if write is not None:
                     writes.append(write)
-        return writes
+            try:
+                await asyncio.gather(*writes)
+            except Exception as exc:
+                log.error("%s: a table write failed (%s); offsets from %d will be taken again", tp, exc, start)
+                return DROP
+            self._taken_below[tp] = max(self._taken_below.get(tp, 0), last)
+        return []
 
     def _stalled_request_partitions(self) -> set[int]:
         """Partitions whose request stream has taken nothing for a while although slots are free.
@@ -355,14 +398,20 @@ class FerryWorker:
         await self._apply_events_backlog(partition)  # run by the events agent, which holds the lock
         ends = await self.fetcher.end_offsets(tps)
         for tp in tps:
-            start, end = self._next_offset[tp], ends[tp]
+            start = self._next_offset[tp]
+            end = min(ends[tp], start + CATCH_UP_LIMIT)
             self._last_progress[tp] = time.monotonic()
             if start < end:
                 log.warning("%s: offsets %d..%d were not delivered by the stream; taking them now",
                             tp, start, end - 1)
                 self._next_offset[tp] = end
-                if await self._take_range(tp, start, end, wait_events=False) is DROP:
-                    self._next_offset[tp] = start  # stopping: the range is the next owner's
+                taken = DROP
+                try:
+                    taken = await self._take_range(tp, start, end, wait_events=False)
+                finally:
+                    if taken is DROP:  # stopping, or failed: what was not taken is taken again
+                        self._next_offset[tp] = max(start, self._taken_below.get(tp, 0))
+                if taken is DROP:
                     return
 
     async def _take(self, request: JobRequest, where, wait_events: bool = True):
@@ -393,6 +442,7 @@ class FerryWorker:
             self.possible_duplicate_calls += 1
             log.info("job %s: starting again (attempt %d)", state.id, state.attempts)
         self._put(state)
+        self._running[state.id] = state
         self.runner.launch(request)
 
     async def _give_up(self, state: JobState, request: JobRequest, location: RequestLocation) -> None:
@@ -414,6 +464,11 @@ class FerryWorker:
         # Acked like requests, once their table write is in Kafka: a lost terminal write would
         # make the next owner call the provider again.
         async for event in stream.noack().events():
+            if self.app.should_stop:
+                # Faust revokes the tables as it starts stopping, while the streams still deliver
+                # what was fetched: applying (and acking) an outcome to a revoked table would drop
+                # it. Left unacked, the event is applied by the partition's next owner.
+                continue
             self.table.last_write = None
             message = event.message
             async with self._events_lock(message.partition):
@@ -549,12 +604,12 @@ class FerryWorker:
             state = JobState.from_bytes(raw)
             if partition_for(state.id, self.settings.topic_partitions) in owned:
                 self._track(state)
-        heapq.heapify(self._expiries)
 
     async def _on_revoked(self, sender, revoked: set[TP], **kwargs) -> None:
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
         self.acks.forget(revoked)
         self._next_offset.clear()
+        self._taken_below.clear()
         self._next_event_offset.clear()
         self._last_progress.clear()
         self._outcomes_in_transit.clear()
@@ -601,10 +656,7 @@ class FerryWorker:
         if self.app.rebalancing:
             return
         now = utcnow()
-        orders = []
-        while self._expiries and self._expiries[0][0] <= now:
-            _, job_id = heapq.heappop(self._expiries)
-            orders.append(JobEvent(id=job_id, kind="expire"))
+        orders = [JobEvent(id=job_id, kind="expire") for job_id in self._expiries.pop_due(now)]
         for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit:
             if not self._events_ready(partition_for(job_id, self.settings.topic_partitions)).is_set():
                 continue

@@ -14,16 +14,20 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from app.jobs import JobRequest, RequestLocation
 from app.settings import Settings
-from app.topics import max_message_bytes
 
 
 class RequestGone(Exception):
     """The request is no longer in Kafka (retention removed it)."""
 
 
+class FetcherStopped(Exception):
+    """A read after the worker stopped its fetcher (shutdown): the next owner reads instead."""
+
+
 class RequestFetcher:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._stopped = False
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
@@ -32,13 +36,17 @@ class RequestFetcher:
         # The worker's start-up and a first rebalance may both get here: one consumer, and
         # nobody uses it before it has started.
         async with self._start_lock:
+            if self._stopped:
+                raise FetcherStopped()
             if self._consumer is not None:
                 return
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self._settings.require_bootstrap_servers(),
                 client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
                 auto_offset_reset="earliest",  # a deleted offset then reads as the next one: RequestGone
-                max_partition_fetch_bytes=max_message_bytes(self._settings),
+                # Reads are ranges of a few hundred records: fetch 1 MiB at a time, not the 36 MiB a
+                # record may be (Kafka still returns a larger first batch whole, KIP-74).
+                max_partition_fetch_bytes=1024 * 1024,
                 # An offsets lookup cut off by the worker stopping gives up after this, not 40 s.
                 request_timeout_ms=10_000,
             )
@@ -46,6 +54,7 @@ class RequestFetcher:
             self._consumer = consumer
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
@@ -89,11 +98,12 @@ class RequestFetcher:
         found: list[tuple[int, bytes]] = []
         async with self._lock:  # one consumer, one position: reads take turns
             await self.start()  # a resume may come before the worker's services have started
-            self._consumer.assign([tp])
-            self._consumer.seek(tp, start)
+            consumer = self._consumer  # stop() may clear the attribute under a read: it then fails
+            consumer.assign([tp])
+            consumer.seek(tp, start)
             async with asyncio.timeout(timeout):
                 while True:
-                    batch = (await self._consumer.getmany(tp, timeout_ms=1000, max_records=1000)).get(tp, [])
+                    batch = (await consumer.getmany(tp, timeout_ms=1000, max_records=1000)).get(tp, [])
                     found.extend((record.offset, record.value) for record in batch if record.offset < end)
                     if batch and batch[-1].offset >= end - 1:
                         break

@@ -50,6 +50,9 @@ class JobRunner:
         """
         if self.stopping:
             return False
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: taken at once, without the two waiters below
+            return True
         acquire = asyncio.ensure_future(self._slots.acquire())
         stop = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)

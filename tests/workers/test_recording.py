@@ -7,21 +7,12 @@ import pytest
 from aiokafka import TopicPartition
 
 from app.jobs import JobEvent
-from app.settings import Settings
 from app.topics import job_events_topic, partition_for
 from tests.conftest import wait_until
 from workers.app import FerryWorker
 
 CHAT = "/v1/async/chat/completions"
 BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def test_the_table_puts_each_job_where_the_api_and_the_request_topics_do(settings: Settings) -> None:
-    table = FerryWorker(settings, web_enabled=False).table
-    ids = [f"job-{n}" for n in range(200)]
-    assert [table.partition_for_key(i.encode()) for i in ids] == [partition_for(i, settings.topic_partitions)
-                                                                   for i in ids]
-    assert len({table.partition_for_key(i.encode()) for i in ids}) == settings.topic_partitions
 
 
 async def job_events_of(worker: FerryWorker, job_id: str) -> list[JobEvent]:
