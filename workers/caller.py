@@ -23,7 +23,9 @@ served it, as an error does.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,30 +77,37 @@ class Attempt:
 OnRetry = Callable[[RetryInfo], Awaitable[None]]
 
 
+# httpcore's pool matches each request against every connection it holds, on every request
+# and every response: with 2,000 calls in flight in one pool, that took over half the worker's
+# CPU. So the process's connections are split over pools of at most this many, used in turn.
+CONNECTIONS_PER_POOL = 25
+
+
 class ProviderCaller:
-    """Owns the process's shared httpx client; started and stopped once."""
+    """Owns the process's httpx clients (``http_max_connections`` in all); started and stopped once."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._settings = settings
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._turn = itertools.count()
         self._limits: dict[str, ProviderLimits] = {}
 
     async def start(self) -> None:
-        if self._client is not None:
+        if self._clients:
             return
-        limits = httpx.Limits(max_connections=self._settings.http_max_connections,
-                              max_keepalive_connections=self._settings.http_max_connections,
-                              keepalive_expiry=30.0)
+        # A transport given by the caller is one object: one client owns (and closes) it.
+        pools = 1 if self._transport else math.ceil(self._settings.http_max_connections / CONNECTIONS_PER_POOL)
+        per_pool = math.ceil(self._settings.http_max_connections / pools)
+        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0)
         timeout = httpx.Timeout(self._settings.provider_timeout_seconds,
                                 connect=self._settings.http_connect_timeout_seconds)
-        self._client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport,
-                                         follow_redirects=False)
+        self._clients = [httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport,
+                                           follow_redirects=False) for _ in range(pools)]
 
     async def stop(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        clients, self._clients = self._clients, []
+        await asyncio.gather(*(client.aclose() for client in clients))
 
     async def run(self, request: JobRequest, on_retry: OnRetry | None = None) -> Outcome:
         """The job's outcome after trying its targets in order."""
@@ -167,11 +176,12 @@ class ProviderCaller:
                 f"the request cannot be translated for {target.provider}: {type(exc).__name__}: {exc}"
             error = service_error(400, message, "invalid_request_error", target, rtype)
             return Attempt(Outcome(status_code=400, error=error), try_next=True)
-        if self._client is None:
+        if not self._clients:
             await self.start()  # agents may take jobs before the worker's services have started
+        client = self._clients[next(self._turn) % len(self._clients)]
         try:
             async with self._limits_for(endpoint).call_slot():
-                reply = await self._client.request(
+                reply = await client.request(
                     http_request.method, http_request.url, headers=http_request.headers, json=http_request.json,
                     data=http_request.data, files=http_request.files,
                     timeout=httpx.Timeout(endpoint.timeout_seconds,
