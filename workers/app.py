@@ -209,7 +209,7 @@ class FerryWorker:
         return JobState.from_bytes(raw) if raw is not None else None
 
     def _put(self, state: JobState) -> None:
-        """Write a job's state; only legal inside an agent's stream iteration."""
+        """Write a job's state to the table (and so to its changelog), from any task."""
         self.table[state.id.encode()] = state.to_bytes()
         self._track(state)
 
@@ -234,10 +234,10 @@ class FerryWorker:
         """Record a call's outcome or retry report (the runner's ``report``).
 
         - This worker owns the job's partition: written to the table.
-        - It is stopping (SIGTERM, calls in flight drained): Faust has already revoked the tables,
-          and what its streams still deliver it acks without our agents seeing it, so an outcome
-          sent to job events could be committed past unread. The finished state goes straight to
-          the changelog instead; the next owner recovers it from there.
+        - It is stopping (SIGTERM, calls in flight drained): Faust has already revoked the tables
+          and stopped fetching, and an outcome sent to job events then was seen committed past
+          unread (how Faust acked it is inferred, not proven). The finished state goes straight
+          to the changelog instead; the next owner recovers it from there.
         - A rebalance moved the partition away during the call: through the job-events topic,
           which the partition's new owner applies.
         """
@@ -273,7 +273,7 @@ class FerryWorker:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-            value = self.table.get(key)
+            value = self.table.data.get(key)
             if value is None:
                 return  # expired and deleted since
             if not self._owns(partition):
@@ -338,7 +338,7 @@ class FerryWorker:
         self._last_progress[message.tp] = time.monotonic()
         expected = _gap_before(self._next_offset, message)
         if expected is None:
-            return []
+            return None
         log.warning("%s: offsets %d..%d were skipped by the stream; taking them now",
                     message.tp, expected, message.offset - 1)
         return await self._take_range(message.tp, expected, message.offset)
@@ -346,8 +346,8 @@ class FerryWorker:
     async def _take_range(self, tp: TP, start: int, end: int, wait_events: bool = True):
         """Read offsets [start, end) of a request partition from Kafka and take each request.
 
-        Returns once the table writes of the whole range are acknowledged (awaited a chunk at a
-        time: a range can be a backlog of many thousands), or DROP if the worker began stopping
+        Returns None once the table writes of the whole range are acknowledged (awaited a chunk
+        at a time: a range can be a backlog of many thousands), or DROP if the worker began stopping
         or a write failed before that (then nothing past ``start`` may be committed by this
         worker; the range is taken again, here or by the partition's next owner).
         """
@@ -376,7 +376,7 @@ class FerryWorker:
                 log.error("%s: a table write failed (%s); offsets from %d will be taken again", tp, exc, start)
                 return DROP
             self._taken_below[tp] = max(self._taken_below.get(tp, 0), last)
-        return []
+        return None
 
     def _stalled_request_partitions(self) -> set[int]:
         """Partitions whose request stream has taken nothing for a while although slots are free.

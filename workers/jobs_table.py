@@ -32,7 +32,7 @@ class JobStore(RocksDBStore):
     """Faust's RocksDB store, finding a key's partition database from the key itself."""
 
     def _partition(self, key: bytes) -> int:
-        return partition_for(key.decode(), self.table.partitions)
+        return self.table.partition_for_key(key)
 
     def _set(self, key: bytes, value: bytes | None) -> None:
         self._db_for_partition(self._partition(key)).put(key, value)

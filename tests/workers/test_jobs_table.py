@@ -11,10 +11,10 @@ from app.jobs import JobStatus
 from app.settings import Settings
 from app.topics import partition_for
 from tests.conftest import wait_until, worker_running
+from tests.e2e.test_chat import submit
 from workers.app import FerryWorker
 from workers.jobs_table import JobStore
 
-CHAT = "/v1/async/chat/completions"
 BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -31,7 +31,7 @@ async def test_a_worker_without_the_files_recovers_the_table_from_its_changelog(
                                                                                 tmp_path: Path) -> None:
     async with worker_running(ferry_settings) as first:
         assert isinstance(first.table.data, JobStore)
-        ids = [(await (await api.post(CHAT, json=BODY)).json())["id"] for _ in range(20)]
+        ids = [(await submit(api, BODY))["id"] for _ in range(20)]
 
         def all_completed() -> bool:
             return all((state := first.get(i)) is not None and state.status is JobStatus.completed for i in ids)

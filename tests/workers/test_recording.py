@@ -8,10 +8,9 @@ from aiokafka import TopicPartition
 
 from app.jobs import JobEvent
 from app.topics import job_events_topic, partition_for
-from tests.conftest import wait_until
+from tests.e2e.test_chat import poll_until_done, submit
 from workers.app import FerryWorker
 
-CHAT = "/v1/async/chat/completions"
 BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -22,18 +21,10 @@ async def job_events_of(worker: FerryWorker, job_id: str) -> list[JobEvent]:
     return [event for event in (JobEvent.from_bytes(value) for _, value in records) if event.id == job_id]
 
 
-async def completed(api, job_id: str) -> dict:
-    async def done():
-        response = await api.get(f"{CHAT}/{job_id}")
-        return await response.json() if response.status == 200 else None
-
-    return await wait_until(done, 60, "the job to complete")
-
-
 @pytest.mark.timeout(240)
 async def test_the_owner_writes_the_outcome_to_the_table_without_a_job_event(api, worker: FerryWorker) -> None:
-    job_id = (await (await api.post(CHAT, json=BODY)).json())["id"]
-    assert (await completed(api, job_id))["status"] == "completed"
+    job_id = (await submit(api, BODY))["id"]
+    assert (await poll_until_done(api, job_id))["status"] == "completed"
     assert await job_events_of(worker, job_id) == []
 
 
@@ -42,8 +33,8 @@ async def test_an_outcome_for_a_partition_not_owned_goes_through_job_events(api,
     # As after a rebalance that moved the partition during the call: the outcome is sent to the
     # job-events topic, and the partition's owner (here the same worker's events agent) applies it.
     worker._owns = lambda partition: False
-    job_id = (await (await api.post(CHAT, json=BODY)).json())["id"]
-    job = await completed(api, job_id)
+    job_id = (await submit(api, BODY))["id"]
+    job = await poll_until_done(api, job_id)
     assert job["status"] == "completed" and job["result"]["choices"][0]["message"]["content"]
     assert [e.kind for e in await job_events_of(worker, job_id)] == ["outcome"]
     assert worker.counters()["duplicate_outcomes"] == 0
