@@ -136,10 +136,10 @@ async def api(ferry_settings: Settings) -> TestClient:
 
 
 @contextlib.asynccontextmanager
-async def worker_running(settings: Settings):
-    """A Ferry worker running in this process and event loop."""
+async def worker_running(settings: Settings, **app_overrides):
+    """A Ferry worker running in this process and event loop (``app_overrides``: Faust settings)."""
     await declare_topics(settings)
-    ferry_worker = FerryWorker(settings, web_enabled=False)
+    ferry_worker = FerryWorker(settings, web_enabled=False, **app_overrides)
     async with faust_app_running(ferry_worker.app, stop_timeout=60):
         yield ferry_worker
 

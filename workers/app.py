@@ -77,6 +77,7 @@ from workers.expiry import ExpiryIndex
 from workers.jobs_table import JobsTable
 from workers.request_fetcher import RequestFetcher, RequestGone
 from workers.runner import JobRunner
+from workers.transport import FerryTransport
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class FerryWorker:
         # (a yarl URL without host or path is falsy, so it falls back to the app's).
         self.app = app = create_app(settings, stream_wait_empty=False, Table=JobsTable,
                                     store=f"{settings.worker_table_store}://", **app_overrides)
+        app.transport = FerryTransport(app.conf.broker_consumer, app)  # see workers/transport.py
         self.table = app.Table(
             JOBS_TABLE, partitions=partitions, key_type=bytes, value_type=bytes,  # raw: our JSON
             extra_topic_configs={k: v for k, v in changelog_topic_config(settings).items() if k != "cleanup.policy"},

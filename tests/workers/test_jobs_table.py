@@ -1,11 +1,14 @@
 """The worker's jobs table: placed by Ferry's partition rule, kept in RocksDB, recovered from
-its changelog by a worker that has none of its files."""
+its changelog by a worker that has none of its files, written to Kafka in order without Faust's
+producer buffer."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from app.jobs import JobStatus
 from app.settings import Settings
@@ -47,3 +50,34 @@ async def test_a_worker_without_the_files_recovers_the_table_from_its_changelog(
         assert {state.status for state in recovered} == {JobStatus.completed}
         assert all(state.result["choices"][0]["message"]["content"] for state in recovered)
         assert second.get("not-a-job") is None
+
+
+@pytest.mark.timeout(120)
+async def test_table_writes_skip_fausts_producer_buffer_and_reach_kafka_in_order(worker: FerryWorker,
+                                                                                 kafka_bootstrap: str) -> None:
+    partitions = worker.settings.topic_partitions
+    await wait_until(lambda: len(worker._owned_partitions()) == partitions, 60, "the worker's assignment")
+    keys = [f"ordered-{n}".encode() for n in range(5)]
+    versions = 300
+    for version in range(versions):  # 1,500 writes in one step of the loop, as a catch-up makes
+        for key in keys:
+            worker.table[key] = str(version).encode()
+    # Faust holds back every stream while more than 100 writes wait in its producer buffer.
+    assert worker.app.producer.buffer.size == 0
+    await worker.table.last_write
+
+    seen: dict[bytes, list[bytes]] = {key: [] for key in keys}
+    consumer = AIOKafkaConsumer(worker.table.changelog_topic.get_topic_name(), bootstrap_servers=kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        async with asyncio.timeout(60):
+            while sum(map(len, seen.values())) < len(keys) * versions:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for record in records:
+                        if record.key in seen:
+                            seen[record.key].append(record.value)
+    finally:
+        await consumer.stop()
+    assert all(values == [str(v).encode() for v in range(versions)] for values in seen.values())
+    assert all(worker.table.data.get(key) == str(versions - 1).encode() for key in keys)
