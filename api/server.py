@@ -11,6 +11,11 @@ from api.routes import PUBLISHER, READ_MODEL, SETTINGS, add_job_routes
 from app.settings import Settings
 from app.topics import declare_topics
 
+# Connections the listening socket queues before they are accepted (the kernel caps it at
+# net.core.somaxconn). aiohttp's default of 128 overflows under a burst of clients, and each
+# refused connection attempt waits for TCP's retransmission: a second or more.
+LISTEN_BACKLOG = 4096
+
 
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})

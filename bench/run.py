@@ -201,11 +201,16 @@ def run_load(workdir: Path, mode: str, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def stack_settings(bootstrap: str, fake_port: int) -> Settings:
+# The in-flight scenario's target is 2,000 calls at once: its worker may hold twice that. The
+# others run the worker as shipped (worker_max_in_flight's default).
+INFLIGHT_MAX_IN_FLIGHT = 4000
+
+
+def stack_settings(bootstrap: str, fake_port: int, **overrides) -> Settings:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     return Settings(kafka_bootstrap_servers=bootstrap, app_id=name, topic_prefix=name, api_port=free_port(),
-                    worker_max_in_flight=4000, log_level="WARNING",
-                    providers={"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}})
+                    log_level="WARNING", providers={"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
+                    **overrides)
 
 
 async def worker_in_flight(worker: FerryProcess) -> int:
@@ -244,9 +249,9 @@ async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
 
 
 async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: float = 0.0,
-                       rates: tuple[int, ...] | None = None) -> dict:
+                       rates: tuple[int, ...] | None = None, **worker_settings) -> dict:
     fake_port = free_port()
-    stack = Stack(stack_settings(bootstrap, fake_port), workdir)
+    stack = Stack(stack_settings(bootstrap, fake_port, **worker_settings), workdir)
     results: dict = {"provider_latency_s": latency}
     try:
         stack.fake_provider(fake_port, latency)
@@ -418,7 +423,8 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
                 results["scenarios"]["e2e"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes)
             elif scenario == "inflight":
                 results["scenarios"]["inflight"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes,
-                                                                      latency=2.0, rates=(sizes.inflight_rate,))
+                                                                      latency=2.0, rates=(sizes.inflight_rate,),
+                                                                      worker_max_in_flight=INFLIGHT_MAX_IN_FLIGHT)
             elif scenario == "backlog":
                 results["scenarios"]["backlog"] = await scenario_backlog_and_poll(
                     handle.bootstrap_servers, workdir, sizes, run_poll="poll" in scenarios)

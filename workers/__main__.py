@@ -6,12 +6,14 @@ import asyncio
 
 import faust
 
+from app.event_loop import use_uvloop
 from app.settings import Settings
 from app.topics import declare_topics
 from workers.app import FerryWorker
 
 
 def main() -> None:
+    use_uvloop()
     settings = Settings()
     settings.require_bootstrap_servers()
     asyncio.run(declare_topics(settings))

@@ -23,6 +23,12 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
+# Connections a fake queues before accepting them. aiohttp's default of 128 overflowed when a
+# worker opened thousands of connections at once (the in-flight benchmark), and each dropped
+# connection attempt waited for TCP's retransmission (1 s, then 3 s...): calls meant to take 2 s
+# took many times that. Real providers sit behind load balancers that do not refuse so early.
+LISTEN_BACKLOG = 4096
+
 
 @dataclass
 class ReceivedFile:
@@ -74,7 +80,7 @@ class FakeProvider:
     async def start(self, port: int = 0) -> "FakeProvider":
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=LISTEN_BACKLOG)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self

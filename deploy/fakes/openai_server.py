@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from deploy.fakes.base import FakeProvider
+from deploy.fakes.base import LISTEN_BACKLOG, FakeProvider
 from deploy.fakes.media import png_bytes, wav_bytes
 
 # OpenAI's own error bodies, by status.
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--api-key", default=None, help="require this bearer key")
     args = parser.parse_args()
     fake = FakeOpenAI(api_key=args.api_key, latency=args.latency)
-    web.run_app(fake.app(), host="127.0.0.1", port=args.port, access_log=None,
+    web.run_app(fake.app(), host="127.0.0.1", port=args.port, access_log=None, backlog=LISTEN_BACKLOG,
                 print=lambda _: print(f"fake OpenAI-compatible provider on http://127.0.0.1:{args.port}/v1"))
 
 
