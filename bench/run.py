@@ -49,10 +49,13 @@ class Sizes:
     rates: tuple[int, ...] = (200, 1000)
     inflight_rate: int = 1000
     backlog_jobs: int = 100_000
+    warmup_rate: int = 200  # the end-to-end scenarios' load before the measured one
+    warmup_seconds: float = 3
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300)
+        return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300, warmup_rate=50,
+                   warmup_seconds=1)
 
 
 class Sampler:
@@ -257,9 +260,13 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
         stack.fake_provider(fake_port, latency)
         api, url = await stack.api()
         worker = await stack.worker()
-        # Warm up: a fresh worker's stream drops the first records it fetches and the catch-up
-        # takes them seconds later (see docs/benchmarks.md); measure the steady state.
+        # Warm up: a fresh worker's stream drops the first records it fetches (the catch-up takes
+        # them seconds later), and its first seconds under load open the provider connections;
+        # measure the steady state. The warm-up's own figures are kept beside the others.
         await wait_all_terminal(url, await submit_many(url, 50, concurrency=10))
+        warmup = await asyncio.to_thread(run_load, workdir, "e2e", "--url", url, "--rate", str(sizes.warmup_rate),
+                                         "--seconds", str(sizes.warmup_seconds))
+        results["warmup"] = latency_summary(warmup, 200) | {"offered_per_second": sizes.warmup_rate}
         for rate in rates or sizes.rates:
             peak = 0
             with Sampler({"api": api.pid, "worker": worker.pid}) as sampler:

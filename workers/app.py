@@ -608,6 +608,11 @@ class FerryWorker:
                 self._track(state)
 
     async def _on_revoked(self, sender, revoked: set[TP], **kwargs) -> None:
+        # The table's writes skip Faust's producer buffer, which Faust has just flushed: the
+        # partitions' next owners recover from the changelog, so it must hold our writes too.
+        if not await self.table.flush_writes(timeout=self.settings.kafka_session_timeout_seconds / 2):
+            log.warning("table writes not acknowledged before the rebalance went on; the next owner "
+                        "resumes the jobs whose state it does not see")
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
         self.acks.forget(revoked)
         self._next_offset.clear()

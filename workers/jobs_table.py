@@ -85,6 +85,22 @@ class JobsTable(faust.Table):
         self.last_write = write
         return write
 
+    async def flush_writes(self, timeout: float) -> bool:
+        """Wait until every write made so far is acknowledged (or failed), up to ``timeout``.
+
+        A rebalance calls it, as Faust flushes its own producer buffer then: the partition's next
+        owner recovers the table from the changelog, which must hold what this worker wrote.
+        """
+        sender = self._sender
+        try:
+            async with asyncio.timeout(timeout):
+                if sender is not None and not sender.done():
+                    await asyncio.shield(sender)
+                await self.app.producer.flush()
+        except TimeoutError:
+            return False
+        return True
+
     async def _send_unsent(self) -> None:
         """Hand the queued writes to the producer one by one: one sender keeps them in order."""
         while self._unsent:

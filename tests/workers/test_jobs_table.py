@@ -59,12 +59,15 @@ async def test_table_writes_skip_fausts_producer_buffer_and_reach_kafka_in_order
     await wait_until(lambda: len(worker._owned_partitions()) == partitions, 60, "the worker's assignment")
     keys = [f"ordered-{n}".encode() for n in range(5)]
     versions = 300
+    writes = []
     for version in range(versions):  # 1,500 writes in one step of the loop, as a catch-up makes
         for key in keys:
             worker.table[key] = str(version).encode()
+            writes.append(worker.table.last_write)
     # Faust holds back every stream while more than 100 writes wait in its producer buffer.
     assert worker.app.producer.buffer.size == 0
-    await worker.table.last_write
+    assert await worker.table.flush_writes(timeout=60)  # what a rebalance waits for
+    assert all(write.done() and write.exception() is None for write in writes)
 
     seen: dict[bytes, list[bytes]] = {key: [] for key in keys}
     consumer = AIOKafkaConsumer(worker.table.changelog_topic.get_topic_name(), bootstrap_servers=kafka_bootstrap,
