@@ -13,7 +13,7 @@ keeps Faust's in-memory store (no local files; memory grows with the jobs held).
 Changelog writes: Faust puts a table's writes in its producer buffer, and its conductor, which
 hands every fetched record to every stream, stops delivering while more than 100 writes wait
 there, until it has counted 100 of them sent. Under steady load (the runner writes outcomes
-from its own tasks) the buffer rarely empties, so delivery stopped again and again (20-odd
+from its own tasks) the buffer rarely empties, so delivery stopped again and again (14-17
 "producer buffer full" stalls in a 10 s run at 200 jobs/s). This table sends its writes
 itself, in the order they were made, from one task of its own. How many wait is bounded by the
 worker: each write belongs to an in-flight slot, a catch-up chunk, or an event not yet acked.
