@@ -177,7 +177,10 @@ async def test_broker_stop_and_restart_during_submit_and_processing(private_brok
 @pytest.mark.timeout(300)
 async def test_provider_429_with_retry_after_then_recovery(settings: Settings, fake_openai: FakeOpenAI,
                                                            tmp_path: Path) -> None:
-    own = ferry_settings_for(settings, fake_openai, retry_initial_backoff_seconds=0.05)
+    # Which jobs meet the 30 refusals, and how many each, depends on the order the worker takes
+    # them; enough attempts that no job runs out, whatever the order (running out is tested
+    # in tests/e2e/test_endpoints.py).
+    own = ferry_settings_for(settings, fake_openai, retry_initial_backoff_seconds=0.05, retry_max_attempts=31)
     fake_openai.fail_next = [(429, 1.0)] * 30  # the first 30 calls are refused with Retry-After: 1
     api = await start_api(own)
     worker = FerryProcess("workers", own, tmp_path / "worker").start()
