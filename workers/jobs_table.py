@@ -64,8 +64,11 @@ class JobsTable(faust.Table):
     remembering the last one so that a caller can await it."""
 
     last_write: asyncio.Future | None = None
-    _unsent: collections.deque | None = None
     _sender: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._unsent: collections.deque = collections.deque()  # writes not yet handed to the producer
 
     def partition_for_key(self, key: bytes) -> int:
         return partition_for(key.decode(), self.partitions)
@@ -77,8 +80,6 @@ class JobsTable(faust.Table):
             key_serializer=self.key_serializer if key_serializer is None else key_serializer,
             value_serializer=self.value_serializer if value_serializer is None else value_serializer,
             callback=self._on_changelog_sent, eager_partitioning=True)
-        if self._unsent is None:
-            self._unsent = collections.deque()
         self._unsent.append(write)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_unsent())
