@@ -4,7 +4,7 @@ Faust's consumer delivers every fetched record through ``wait_first(deliver(reco
 suspend_flow.wait())``: four tasks created, awaited and cancelled per record, so each record
 costs several turns of the event loop. On a worker whose loop is busy with provider calls a
 turn takes a millisecond or more, and delivery, not the work, became the limit: at 200 jobs/s
-the delivery loop spent 55-70 % of its time in those waits, records reached the streams
+the delivery loop spent 43-69 % of its time in those waits, records reached the streams
 1.2-1.7 s after they were written, and end-to-end p50 was 1.7 s; delivering directly, it was
 under 0.1 s.
 
