@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 
-from aiohttp import web
-
+from api.connections import ConnectionLimits, raise_open_file_limit, serve
 from api.server import LISTEN_BACKLOG, create_api
 from app.event_loop import use_uvloop
 from app.settings import Settings
+
+log = logging.getLogger("api")
 
 
 def main() -> None:
     settings = Settings()
     use_uvloop()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure_logging
+    configure_logging(settings)
     settings.require_bootstrap_servers()
-    web.run_app(create_api(settings), host=settings.api_host, port=settings.api_port, print=None,
-                backlog=LISTEN_BACKLOG)
+    asyncio.run(run(settings))
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (aiohttp's run_app, whose runner
+    cannot be given the connection guard): stop listening, close idle connections, let
+    requests in flight finish (up to 60 s), then stop the app's Kafka clients."""
+    open_file_limit = raise_open_file_limit()
+    limits = ConnectionLimits.from_settings(settings, open_file_limit)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner, port = await serve(create_api(settings), limits, settings.api_host, settings.api_port,
+                               backlog=LISTEN_BACKLOG)
+    log.info("API listening on %s:%d, at most %d connections (open-file limit %d)", settings.api_host, port,
+             limits.max_connections, open_file_limit)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

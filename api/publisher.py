@@ -9,27 +9,68 @@ Two writes, in this order, to the job's partition (``app.topics.partition_for``)
 The order matters: the worker's first write for the job (``processing``) goes to the same
 changelog partition and can only happen after it has read the request, so it always lands
 after the ``pending`` record and a compacted changelog never ends on a stale ``pending``.
-Both writes must be acknowledged within ``submit_timeout_seconds``, or the submit fails with
-503 and the client may retry.
+
+What a refusal means. The request record is what makes a job run, so each answer follows from
+what is known about it when the submit's time (``submit_timeout_seconds``) is up:
+
+- ``PublishRefused`` (503): the request record was never handed to the producer, or Kafka
+  refused it. The job will not run. A ``pending`` record that may have been written is deleted
+  (a tombstone, sent until Kafka takes it, ordered after the record by the idempotent producer).
+- ``PublishUncertain`` (503 naming the job): the request record was handed over but not
+  acknowledged in time, so it may still be written. The job keeps its ``pending`` record and
+  its id is returned, so the client can poll it instead of submitting twice; if Kafka then
+  refuses the record, the pending record is deleted and the poll answers 404.
+
+A producer whose sender has died (aiokafka's idempotent producer does, with
+``OutOfOrderSequenceNumber``, after a batch expired while its partition had no leader) can never
+send again: it is replaced, and submits are refused meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
+import time
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (InvalidProducerEpoch, KafkaError, OutOfOrderSequenceNumber, ProducerClosed,
+                             ProducerFenced, UnknownProducerId)
 
 from app.jobs import JobRequest, JobState
 from app.settings import Settings
-from app.topics import changelog_topic, max_message_bytes, partition_for, request_topic
+from app.topics import changelog_topic, max_message_bytes, partition_for, request_topic, request_topics
 
 log = logging.getLogger(__name__)
 
+# Errors after which an idempotent producer's sender is gone for good.
+FATAL_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, ProducerFenced, InvalidProducerEpoch, UnknownProducerId,
+                         ProducerClosed)
+# How long a readiness answer is reused: probes come every few seconds per replica.
+PROBE_CACHE_SECONDS = 1.0
+# How long stopping waits for clean-up writes (tombstones of refused submits) still under way.
+STOP_GRACE_SECONDS = 5.0
 
-class PublishUnavailable(Exception):
-    """Kafka did not take the job in time; nothing the client should count on was stored."""
+
+class PublishRefused(Exception):
+    """The job was not queued and will not run."""
+
+    def __init__(self, reason: str, retry_after_seconds: int) -> None:
+        super().__init__(reason)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class PublishUncertain(PublishRefused):
+    """Kafka did not confirm the request in time; it may still be written and the job run."""
+
+    def __init__(self, job_id: str, reason: str, retry_after_seconds: int) -> None:
+        super().__init__(reason, retry_after_seconds)
+        self.job_id = job_id
+
+
+class JobNotStorable(ValueError):
+    """The job cannot be serialized into its records (checked before anything is written)."""
 
 
 class JobPublisher:
@@ -40,6 +81,10 @@ class JobPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task | None = None
         self._connected = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+        self._stopping = False
+        self._failing_since: float | None = None  # first failure since the last success
+        self._probe: tuple[float, bool] = (0.0, False)  # (when, result) of the last readiness probe
 
     @property
     def connected(self) -> bool:
@@ -57,6 +102,8 @@ class JobPublisher:
             request_timeout_ms=10_000,
         )
 
+    # -- lifecycle ------------------------------------------------------------------------------
+
     async def start(self) -> None:
         """Connect in the background: the API serves (503 for submits) until Kafka answers."""
         self._connect_task = asyncio.create_task(self._connect(), name="kafka-producer-connect")
@@ -70,7 +117,7 @@ class JobPublisher:
             except KafkaError as exc:
                 log.warning("Kafka producer cannot connect yet (%s); retrying in %.1f s", type(exc).__name__, delay)
                 await producer.stop()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
                 continue
             self._producer = producer
@@ -78,6 +125,12 @@ class JobPublisher:
             return
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._background:  # refused submits' tombstones: give them a moment to land
+            await asyncio.wait(list(self._background), timeout=STOP_GRACE_SECONDS)
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._connect_task is not None:
             self._connect_task.cancel()
             await asyncio.gather(self._connect_task, return_exceptions=True)
@@ -85,38 +138,166 @@ class JobPublisher:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             self._connected.clear()
-            await producer.stop()
+            await _stop_quietly(producer)
 
-    async def publish(self, request: JobRequest) -> None:
-        """Store the job durably, or raise ``PublishUnavailable`` within the submit timeout."""
+    def _replace(self, broken: AIOKafkaProducer) -> None:
+        """Swap a producer that can never send again for a new one (once, however many notice)."""
+        if self._producer is not broken or self._stopping:
+            return
+        log.error("the Kafka producer failed for good; replacing it (submits are refused meanwhile)")
+        self._producer = None
+        self._connected.clear()
+        self._in_background(_stop_quietly(broken))
+        self._connect_task = asyncio.create_task(self._connect(), name="kafka-producer-reconnect")
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def _note_success(self) -> None:
+        self._failing_since = None
+
+    def _note_failure(self, producer: AIOKafkaProducer, exc: BaseException | None) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._probe = (0.0, False)  # the next readiness probe looks again
+        if isinstance(exc, FATAL_PRODUCER_ERRORS) or _sender_died(producer):
+            self._replace(producer)
+
+    def retry_after_seconds(self) -> int:
+        """A ``Retry-After`` for a refused submit: about as long as the outage has lasted (1 to
+        30 s), jittered so that a fleet of clients does not come back in lockstep."""
+        lasted = time.monotonic() - self._failing_since if self._failing_since is not None else 1.0
+        return max(1, math.ceil(random.uniform(0.5, 1.5) * min(30.0, max(1.0, lasted))))
+
+    async def ready(self) -> bool:
+        """Whether a submit can be published now: a live producer, and a broker that answers
+        with a leader for every partition Ferry writes (asked at most once a second)."""
         producer = self._producer
-        if producer is None:
-            raise PublishUnavailable("not connected to Kafka")
-        key = request.id.encode()
-        partition = partition_for(request.id, self._settings.topic_partitions)
-        pending_sent = False
+        if producer is None or _sender_died(producer):
+            return False
+        when, result = self._probe
+        if time.monotonic() - when < PROBE_CACHE_SECONDS:
+            return result
+        result = await self._leaders_known(producer)
+        self._probe = (time.monotonic(), result)
+        return result
+
+    async def _leaders_known(self, producer: AIOKafkaProducer) -> bool:
+        topics = [changelog_topic(self._settings), *request_topics(self._settings)]
         try:
             async with asyncio.timeout(self._settings.submit_timeout_seconds):
-                await (await producer.send(changelog_topic(self._settings), JobState.pending(request).to_bytes(),
-                                           key=key, partition=partition))
-                pending_sent = True
-                await (await producer.send(request_topic(self._settings, request.request_type),
-                                           request.to_bytes(), key=key, partition=partition))
+                metadata = await producer.client.fetch_all_metadata()
+        except (TimeoutError, KafkaError):
+            return False
+        for topic in topics:
+            partitions = metadata.partitions_for_topic(topic) or set()
+            if len(partitions) < self._settings.topic_partitions:
+                return False
+            if any(metadata.leader_for_partition(TopicPartition(topic, p)) in (None, -1) for p in partitions):
+                return False
+        return True
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(self, request: JobRequest) -> None:
+        """Store the job durably, or raise ``PublishRefused`` / ``PublishUncertain`` within the
+        submit timeout (see the module docstring), or ``JobNotStorable`` before any write."""
+        try:
+            pending = JobState.pending(request).to_bytes()
+            payload = request.to_bytes()
+        except (ValueError, RecursionError) as exc:  # pydantic's serialization errors are ValueErrors
+            raise JobNotStorable(str(exc).splitlines()[0]) from None
+        producer = self._producer
+        if producer is None:
+            raise PublishRefused("not connected to Kafka", self.retry_after_seconds())
+        key = request.id.encode()
+        partition = partition_for(request.id, self._settings.topic_partitions)
+        deadline = asyncio.get_running_loop().time() + self._settings.submit_timeout_seconds
+
+        pending_ack = await self._hand_over(producer, changelog_topic(self._settings), pending, key, partition,
+                                            deadline)
+        if pending_ack is None:
+            raise PublishRefused("Kafka did not take the job in time", self.retry_after_seconds())
+        if await self._acknowledged(producer, pending_ack, deadline) is not True:
+            self._in_background(self._forget(request.id, partition))  # it may be written yet
+            raise PublishRefused("Kafka did not store the job in time", self.retry_after_seconds())
+
+        request_ack = await self._hand_over(producer, request_topic(self._settings, request.request_type), payload,
+                                            key, partition, deadline)
+        acknowledged = await self._acknowledged(producer, request_ack, deadline) if request_ack else False
+        if request_ack is None or acknowledged is None:  # never sent, or refused by Kafka
+            self._in_background(self._forget(request.id, partition))
+            raise PublishRefused("Kafka did not store the job", self.retry_after_seconds())
+        if not acknowledged:
+            self._in_background(self._settle(request_ack, request.id, partition))
+            raise PublishUncertain(request.id, "Kafka did not confirm the job in time", self.retry_after_seconds())
+        self._note_success()
+
+    async def _hand_over(self, producer: AIOKafkaProducer, topic: str, value: bytes | None, key: bytes,
+                         partition: int, deadline: float) -> asyncio.Future | None:
+        """Give a record to the producer; its acknowledgement future, or None if the producer did
+        not take it before ``deadline`` (then it is never sent)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await producer.send(topic, value, key=key, partition=partition)
         except (TimeoutError, KafkaError) as exc:
-            if pending_sent:
-                self._forget_pending(producer, key, partition)
-            raise PublishUnavailable(type(exc).__name__) from exc
+            self._note_failure(producer, exc)
+            return None
 
-    def _forget_pending(self, producer: AIOKafkaProducer, key: bytes, partition: int) -> None:
-        """Best effort: tombstone the pending record of a job whose request was not stored.
+    async def _acknowledged(self, producer: AIOKafkaProducer, ack: asyncio.Future, deadline: float) -> bool | None:
+        """True once Kafka acknowledged the record; None if Kafka refused it; False if
+        ``deadline`` came first (the record may still be written)."""
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, _ = await asyncio.wait([ack], timeout=remaining)  # never cancels the send
+        if not done:
+            self._note_failure(producer, None)
+            return False
+        if ack.cancelled() or ack.exception() is not None:
+            self._note_failure(producer, None if ack.cancelled() else ack.exception())
+            return None
+        return True
 
-        If the request was stored after all (its ack was merely late), the worker's own writes
-        follow this tombstone and the job simply runs, unpolled, until it expires.
-        """
-        async def send_tombstone() -> None:
+    async def _settle(self, request_ack: asyncio.Future, job_id: str, partition: int) -> None:
+        """After an uncertain answer: if Kafka refuses the request after all, delete the job."""
+        try:
+            await asyncio.shield(request_ack)
+        except KafkaError:
+            await self._forget(job_id, partition)
+
+    async def _forget(self, job_id: str, partition: int) -> None:
+        """Tombstone a refused job's pending record, trying until Kafka takes it (or stop)."""
+        delay = 0.2
+        while not self._stopping:
+            await self._connected.wait()
+            producer = self._producer
+            if producer is None:
+                continue
             try:
-                await producer.send(changelog_topic(self._settings), None, key=key, partition=partition)
-            except KafkaError:
-                log.warning("could not tombstone the pending record of a refused submit")
+                await (await producer.send(changelog_topic(self._settings), None, key=job_id.encode(),
+                                           partition=partition))
+                return
+            except KafkaError as exc:
+                self._note_failure(producer, exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+        log.warning("stopping before the pending record of refused job %s was deleted", job_id)
 
-        asyncio.create_task(send_tombstone())
+    def _in_background(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _sender_died(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's sender task has ended: it never sends again (aiokafka has no
+    public flag for it; this reads its one private attribute in one place)."""
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        async with asyncio.timeout(STOP_GRACE_SECONDS):
+            await producer.stop()
+    except (TimeoutError, KafkaError) as exc:
+        log.warning("a Kafka producer did not stop cleanly (%s)", type(exc).__name__)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -30,6 +31,11 @@ from app.settings import Settings
 from app.topics import changelog_topic, partition_for
 
 log = logging.getLogger(__name__)
+
+# How long a readiness answer is reused: probes come every few seconds per replica.
+PROBE_CACHE_SECONDS = 1.0
+# How long a readiness probe waits for Kafka to answer an end-offsets request.
+PROBE_TIMEOUT_SECONDS = 1.0
 
 
 class ViewUnavailable(Exception):
@@ -50,6 +56,7 @@ class JobReadModel:
         self._progress = asyncio.Event()
         self._initial_end: dict[TopicPartition, int] | None = None
         self.caught_up = False
+        self._probe: tuple[float, bool] = (0.0, False)  # (when, result) of the last readiness probe
 
     def __len__(self) -> int:
         return len(self._states)
@@ -64,7 +71,15 @@ class JobReadModel:
             self._task = None
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+            try:
+                await consumer.stop()
+            except (KafkaError, asyncio.CancelledError) as exc:
+                # aiokafka's fetcher re-raises the cancellation of its own pending fetches (and
+                # their errors) from stop() when the broker was away; the consumer is closed all
+                # the same. A cancellation of this task itself still propagates.
+                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                    raise
+                log.info("the read model's consumer stopped with %s", type(exc).__name__)
 
     async def _connect(self) -> AIOKafkaConsumer:
         delay = 0.2
@@ -106,6 +121,24 @@ class JobReadModel:
                 log.info("read model caught up: %d jobs", len(self._states))
             self._progress.set()
             self._progress = asyncio.Event()
+
+    async def ready(self) -> bool:
+        """Whether polls can be answered now: the view has caught up once, and Kafka answers
+        its end offsets (so an unknown id can be looked up rather than answered 503)."""
+        consumer = self._consumer
+        if not self.caught_up or consumer is None:
+            return False
+        when, result = self._probe
+        if time.monotonic() - when < PROBE_CACHE_SECONDS:
+            return result
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                await consumer.end_offsets(self._partitions)
+            result = True
+        except (TimeoutError, KafkaError):
+            result = False
+        self._probe = (time.monotonic(), result)
+        return result
 
     def remember(self, state: JobState) -> None:
         """Apply a write this process made and Kafka acknowledged, before it comes back around."""

@@ -7,9 +7,9 @@ import uuid
 
 from aiohttp import web
 
-from api.errors import ApiError, not_found, too_large, unavailable
+from api.errors import ApiError, bad_request, not_found, too_large, unavailable
 from api.keys import service_key
-from api.publisher import JobPublisher, PublishUnavailable
+from api.publisher import JobNotStorable, JobPublisher, PublishRefused, PublishUncertain
 from api.read_model import JobReadModel, ViewUnavailable
 from api.validation import (FORM_RULES, JSON_RULES, TTL_HEADER, Submission, check_no_webhook, read_form,
                             result_ttl_seconds, validate_form_submit, validate_json_submit)
@@ -37,8 +37,6 @@ PATHS: dict[RequestType, str] = {
     RequestType.ocr: "ocr",
 }
 
-PUBLISH_RETRY_AFTER_SECONDS = 1
-
 
 def submit_handler(request_type: RequestType):
     async def submit(request: web.Request) -> web.Response:
@@ -59,10 +57,18 @@ def submit_handler(request_type: RequestType):
         )
         try:
             await request.app[PUBLISHER].publish(job)
-        except PublishUnavailable as exc:
-            log.warning("submit refused, Kafka unavailable: %s", exc)
-            raise unavailable("the job could not be queued: Kafka is unavailable, retry later",
-                              PUBLISH_RETRY_AFTER_SECONDS) from None
+        except JobNotStorable as exc:
+            raise bad_request(f"invalid request format: the request cannot be stored: {exc}") from None
+        except PublishUncertain as exc:
+            log.warning("submit of job %s not confirmed by Kafka in time: %s", exc.job_id, exc)
+            path = f"/v1/async/{PATHS[request_type]}/{exc.job_id}"
+            raise unavailable(f"Kafka did not confirm the job in time, so it may have been queued: poll {path} "
+                              "before submitting again (404 there means it was not queued)",
+                              exc.retry_after_seconds, job_id=exc.job_id) from None
+        except PublishRefused as exc:
+            log.warning("submit refused, the job was not queued: %s", exc)
+            raise unavailable("the job was not queued: Kafka is unavailable, retry later",
+                              exc.retry_after_seconds) from None
         # This replica answers for the job at once, even if Kafka goes away before the pending
         # record comes back through the changelog.
         request.app[READ_MODEL].remember(JobState.pending(job))
@@ -80,11 +86,11 @@ async def _read_submission(request: web.Request, request_type: RequestType, sett
         raise too_large(limit)
     if is_form:
         form = await read_form(request, request_type, limit)  # counts what it reads against the limit
-        return validate_form_submit(form, request_type, settings.provider_endpoints)
+        return validate_form_submit(form, request_type, settings.provider_endpoints, settings.max_fallbacks)
     raw = await request.read()
     if len(raw) > limit:
         raise too_large(limit)
-    return validate_json_submit(raw, request_type, settings.provider_endpoints)
+    return validate_json_submit(raw, request_type, settings.provider_endpoints, settings.max_fallbacks)
 
 
 def poll_handler(request_type: RequestType):
@@ -99,7 +105,7 @@ def poll_handler(request_type: RequestType):
         except ViewUnavailable as exc:
             log.warning("poll of an unknown id while the table view cannot catch up: %s", exc)
             raise unavailable("the job's state cannot be read right now: Kafka is unavailable, retry later",
-                              PUBLISH_RETRY_AFTER_SECONDS) from None
+                              request.app[PUBLISHER].retry_after_seconds()) from None
         if state is None or state.is_expired():
             raise not_found()
         if state.request_type is not request_type:

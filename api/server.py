@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
+from api.connections import body_deadline, handler_args
 from api.errors import error_middleware
+from api.openapi import add_openapi_route
 from api.publisher import JobPublisher
 from api.read_model import JobReadModel
 from api.routes import PUBLISHER, READ_MODEL, SETTINGS, add_job_routes
@@ -22,9 +26,9 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when submits can reach Kafka and the view of the jobs table has caught up."""
-    kafka = request.app[PUBLISHER].connected
-    table = request.app[READ_MODEL].caught_up
+    """Ready when a submit can be published now and the view of the jobs table has caught up
+    and can still read from Kafka: each is asked of Kafka, not remembered from the start."""
+    kafka, table = await asyncio.gather(request.app[PUBLISHER].ready(), request.app[READ_MODEL].ready())
     body = {"status": "ok" if kafka and table else "unavailable", "kafka": kafka, "table_caught_up": table}
     return web.json_response(body, status=200 if kafka and table else 503)
 
@@ -40,8 +44,14 @@ async def _lifecycle(api: web.Application):
 
 
 def create_api(settings: Settings) -> web.Application:
+    """The app; ``api.connections.serve`` runs it with the connection guard (``python -m api``
+    does), which aiohttp's TestServer does not: there only the body deadline, the keep-alive
+    bound and the access-log choice apply, set here."""
+    body_deadline_middleware = body_deadline(settings.api_body_timeout_seconds,
+                                             settings.api_body_min_rate_bytes_per_second)
     api = web.Application(client_max_size=max(settings.max_request_bytes, settings.max_upload_bytes),
-                           middlewares=[error_middleware])
+                          middlewares=[error_middleware, body_deadline_middleware],
+                          handler_args=handler_args(settings))
     api[SETTINGS] = settings
     api[PUBLISHER] = JobPublisher(settings)
     api[READ_MODEL] = JobReadModel(settings)
@@ -50,4 +60,5 @@ def create_api(settings: Settings) -> web.Application:
     api.router.add_get("/health/live", live)
     api.router.add_get("/health/ready", ready)
     add_job_routes(api)
+    add_openapi_route(api)
     return api

@@ -5,9 +5,30 @@ from __future__ import annotations
 import os
 
 import faust
+from faust.web import drivers as web_drivers
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
 from app.settings import Settings
 from app.topics import max_message_bytes
+
+
+class PagesOnlyWeb(AiohttpWeb):
+    """Faust's aiohttp web server without any of Faust's own views.
+
+    Faust serves ``/table/<name>/<key>/`` (any job's full state: its result and owner),
+    ``/router/`` (every worker's address), ``/`` and, with ``debug``, ``/graph/``, ``/stats``
+    and ``/assignment/``; ``/performance/`` when enabled. The worker serves only the pages it
+    registers with ``app.page`` (its health checks); any other path is 404.
+    """
+
+    default_blueprints = ()
+    production_blueprints = ()
+    debug_blueprints = ()
+    optional_blueprints = ()
+
+
+# Faust picks its web server class by the ``web`` setting's URL scheme, from this registry.
+web_drivers.DRIVERS.aliases["ferry-pages"] = f"{__name__}:PagesOnlyWeb"
 
 
 def broker_urls(bootstrap_servers: str) -> list[str]:
@@ -19,12 +40,23 @@ def create_app(settings: Settings, **overrides) -> faust.App:
     """A Faust app for ``settings``; ``overrides`` are passed to ``faust.App`` (tests use it)."""
     os.makedirs(settings.worker_data_dir, exist_ok=True)  # Faust creates only the last level
     options = dict(
+        # Faust reads ~80 variables of its own (WEB_BIND, APP_WEB_TABLES_ENABLED, BROKER_URL...)
+        # from the environment, and they win over the values given here: Ferry's settings are
+        # the only configuration, so Faust gets an empty environment.
+        env={},
         broker=broker_urls(settings.require_bootstrap_servers()),
         store="memory://",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
+        web="ferry-pages://",
         web_port=settings.worker_web_port,
-        web_bind="0.0.0.0",
+        web_bind=settings.worker_web_host,
+        # Already left out by PagesOnlyWeb; off here too, so that no other web driver serves them.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         autodiscover=False,
         datadir=os.path.join(settings.worker_data_dir, "{conf.name}-data"),
         # Commit every second: after a crash, less is redelivered (and re-checked) than Faust's

@@ -61,6 +61,38 @@ class Settings(BaseSettings):
     # -- API ----------------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(8080, description="Port the API listens on.")
+    api_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a client may take to send a request's headers, counted from "
+        "the connection's opening or, on a kept-alive connection, from the request's first byte; then "
+        "408 (if part of a request came) and the connection is closed. Real clients send headers in one "
+        "packet; 10 s frees a slowloris client's slot quickly."
+    )
+    api_keepalive_timeout_seconds: float = Field(
+        65.0, gt=0, description="How long a kept-alive connection may stay idle between a response and "
+        "the next request before the API closes it. Above the 60 s upstream idle timeout of AWS ALB and "
+        "nginx, so that a proxy never sends a submit on a connection the API has just closed (a 502); "
+        "idle connections cannot starve new ones: at api_max_connections they are closed first."
+    )
+    api_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="How long a request body may take, plus one second per "
+        "api_body_min_rate_bytes_per_second bytes received (Apache mod_reqtimeout's rule); a slower "
+        "body is answered 408 and its connection closed."
+    )
+    api_body_min_rate_bytes_per_second: int = Field(
+        8192, ge=1, description="The slowest a request body may arrive after api_body_timeout_seconds "
+        "(8 KiB/s = 64 kbit/s: a 26 MiB upload may take 55 min, a byte-a-second client is cut off)."
+    )
+    api_max_connections: int = Field(
+        4096, ge=1, description="Most client connections the API holds open (lowered at start to fit "
+        "the open-file limit, whose soft value is raised to the hard one). At the cap a new connection "
+        "closes the one that has waited longest without a request in progress (idle, or still sending "
+        "headers), so a health probe gets through while slow clients hold slots; it is refused only "
+        "when every connection has a request in progress."
+    )
+    api_access_log: bool = Field(
+        False, description="Log one line per request (aiohttp's access log, at INFO). Off: every poll "
+        "would be a line."
+    )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest accepted submit body; larger is 413."
     )
@@ -83,8 +115,16 @@ class Settings(BaseSettings):
     max_result_ttl_seconds: int = Field(
         7 * 24 * 3600, ge=1, description="Cap on x-bf-async-job-result-ttl."
     )
+    max_fallbacks: int = Field(
+        10, ge=0, description="Most fallbacks a submit may name; more is 400 (each one can cost "
+        "a round of provider calls)."
+    )
 
     # -- Worker ---------------------------------------------------------------------------------
+    worker_web_host: str = Field(
+        "127.0.0.1", description="Address the worker's web server (health pages) listens on; a container "
+        "sets 0.0.0.0 so that its probes reach it."
+    )
     worker_web_port: int = Field(6066, description="Port of the worker's health endpoint.")
     worker_data_dir: str = Field(".local/faust", description="Where Faust keeps its local files.")
     worker_table_store: Literal["rocksdb", "memory"] = Field(
@@ -108,6 +148,11 @@ class Settings(BaseSettings):
     retry_initial_backoff_seconds: float = Field(0.5, ge=0, description="First retry delay.")
     retry_max_backoff_seconds: float = Field(
         60.0, ge=0, description="Cap on a retry delay, Retry-After included."
+    )
+    job_deadline_seconds: float = Field(
+        1800.0, gt=0, description="Longest a job may run in one worker, from its first call: no call or "
+        "retry wait goes past it (each call's timeout is cut to what is left); then the job fails with 504. "
+        "The default is three default-length (600 s) calls."
     )
     job_max_attempts: int = Field(
         3, ge=1, description="Workers that may start a job before it is failed as poison "
@@ -139,6 +184,10 @@ class Settings(BaseSettings):
         return self._endpoints
 
     log_level: str = Field("INFO", description="Log level of the API and worker processes.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line (time, "
+        "level, logger, message, and job_id, request_type, provider when the record has them)."
+    )
 
     def require_bootstrap_servers(self) -> str:
         """The broker address, or a clear error for a process that cannot run without one."""

@@ -46,10 +46,11 @@ class FerryProcess:
     def __init__(self, module: str, settings: Settings, workdir: Path, *args: str, **extra_env: str) -> None:
         self.module = module
         self.args = list(args)
-        self.web_port = free_port()
-        self.env = settings_env(settings, FERRY_WORKER_WEB_PORT=str(self.web_port),
-                                FERRY_WORKER_DATA_DIR=str(workdir / "faust"), FERRY_LOG_LEVEL="WARNING",
-                                **extra_env)
+        # The caller's extra_env wins over these defaults (a test may want FERRY_LOG_LEVEL=INFO).
+        defaults = {"FERRY_WORKER_WEB_PORT": str(free_port()), "FERRY_WORKER_DATA_DIR": str(workdir / "faust"),
+                    "FERRY_LOG_LEVEL": "WARNING"}
+        self.env = settings_env(settings, **(defaults | extra_env))
+        self.web_port = int(self.env["FERRY_WORKER_WEB_PORT"])
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
 

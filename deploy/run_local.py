@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from app.logs import configure_logging
 from app.settings import Settings
 from deploy.kafka.locate import locate
 
@@ -41,8 +42,8 @@ def _stop(processes: dict[str, subprocess.Popen], timeout: float = 20.0) -> None
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings()
+    configure_logging(settings)  # as the API and the worker it starts do
     broker = locate(settings)
     log.info("Kafka (%s) at %s", broker.source, broker.bootstrap_servers)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}

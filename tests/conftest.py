@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import uuid
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from faust.contrib.asgi import faust_app_running
 
+from api.connections import ConnectionLimits, GuardedAppRunner
 from api.server import create_api
 from app.settings import Settings
 from app.topics import declare_topics
@@ -71,14 +75,35 @@ def unique_id() -> str:
 
 @pytest.fixture
 def settings(kafka_bootstrap: str, unique_id: str, tmp_path: Path) -> Settings:
-    """Settings whose app id, topic names and worker files belong to this test alone."""
-    return Settings(
+    """Settings whose app id, topic names and worker files belong to this test alone; the
+    test's topics are deleted after it."""
+    yield Settings(
         kafka_bootstrap_servers=kafka_bootstrap,
         worker_data_dir=str(tmp_path / "faust"),
         app_id=f"ferry-{unique_id}",
         topic_prefix=f"ferry-{unique_id}",
         topic_partitions=4,
     )
+    asyncio.run(delete_topics(kafka_bootstrap, f"ferry-{unique_id}"))
+
+
+async def delete_topics(bootstrap_servers: str, prefix: str) -> None:
+    """Delete the topics whose names start with ``prefix`` (best effort).
+
+    Every test that runs Ferry makes some fifteen topics of four partitions; a broker that keeps
+    them all holds several open files per partition and, a few hundred tests later, runs out.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        async with asyncio.timeout(30):
+            await admin.start()
+            doomed = [topic for topic in await admin.list_topics() if topic.startswith(prefix)]
+            if doomed:
+                await admin.delete_topics(doomed)
+    except (KafkaError, TimeoutError) as exc:
+        logging.getLogger(__name__).warning("could not delete the test's topics: %s", exc)
+    finally:
+        await admin.close()
 
 
 @pytest.fixture
@@ -116,9 +141,20 @@ async def wait_until(predicate, timeout: float, what: str, interval: float = 0.0
         await asyncio.sleep(interval)
 
 
+class GuardedTestServer(TestServer):
+    """aiohttp's TestServer serving through the API's connection guard, as ``python -m api`` does."""
+
+    def __init__(self, app, limits: ConnectionLimits, **kwargs) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits
+
+    async def _make_runner(self, **kwargs) -> GuardedAppRunner:
+        return GuardedAppRunner(self.app, self._limits, **kwargs)
+
+
 async def start_api(settings: Settings) -> TestClient:
     await declare_topics(settings)
-    client = TestClient(TestServer(create_api(settings)))
+    client = TestClient(GuardedTestServer(create_api(settings), ConnectionLimits.from_settings(settings)))
     await client.start_server()
 
     async def ready() -> bool:
@@ -148,3 +184,12 @@ async def worker_running(settings: Settings, **app_overrides):
 async def worker(ferry_settings: Settings) -> FerryWorker:
     async with worker_running(ferry_settings) as ferry_worker:
         yield ferry_worker
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The fuzz test's budget, as an option because tests do not read the environment.
+    parser.addoption(
+        "--fuzz-examples", type=int, default=25, metavar="N",
+        help="Examples schemathesis generates per API operation, and stateful scenarios, in tests/fuzz "
+             "(default 25, a CI-sized run; try 500 or more to fuzz longer).",
+    )

@@ -46,9 +46,15 @@ Why a job can't be lost or stuck
   ``worker_shutdown_grace_seconds`` (their outcomes written to the changelog), then leaves;
   what did not finish is resumed (step 5).
 
+- A rebalance does not repeat calls: a call keeps running where it started, and that worker
+  announces it to the partition's next owner before rejoining the group
+  (``_announce_running``); the owner leaves announced jobs alone until their outcome arrives or
+  a rebalance passes without the announcement (the worker died).
+
 What can still happen twice: a provider call in flight when its worker dies is made again by
-the next owner. Every such restart is counted (``possible_duplicate_calls`` on ``/health``),
-and the job's ``attempts`` says how many workers started it.
+the next owner, and so is one whose announcement Kafka did not take in time. Every such
+restart is counted (``possible_duplicate_calls`` on ``/health``), and the job's ``attempts``
+says how many workers started it.
 """
 
 from __future__ import annotations
@@ -152,6 +158,10 @@ class FerryWorker:
         # The state each call in flight was started with: its outcome can be written without
         # the table (see record).
         self._running: dict[str, JobState] = {}
+        # Jobs of this worker's partitions whose call another worker still runs: a rebalance
+        # moved the partition during the call, and that worker said so (see _announce_running).
+        # Not resumed until their outcome comes, or a rebalance passes without the announcement.
+        self._running_elsewhere: set[str] = set()
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
@@ -229,8 +239,10 @@ class FerryWorker:
         return not (self.app.should_stop or self.app.rebalancing) and partition in self._owned_partitions()
 
     def _busy_with(self, job_id: str) -> bool:
-        """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
-        return job_id in self.runner.in_flight or job_id in self._outcomes_in_transit
+        """Whether this worker runs the job, or ran it and its outcome is not applied yet, or
+        another worker runs it (a rebalance moved its partition during the call)."""
+        return (job_id in self.runner.in_flight or job_id in self._outcomes_in_transit
+                or job_id in self._running_elsewhere)
 
     async def record(self, event: JobEvent) -> None:
         """Record a call's outcome or retry report (the runner's ``report``).
@@ -556,7 +568,11 @@ class FerryWorker:
         elif event.kind in ("outcome", "retrying"):
             if event.kind == "outcome":
                 self._outcomes_in_transit.discard(event.id)
+                self._running_elsewhere.discard(event.id)
             self._apply_report(event, state)
+        elif event.kind == "running":
+            if state is not None and state.status is JobStatus.processing and event.id not in self.runner.in_flight:
+                self._running_elsewhere.add(event.id)
         elif event.kind == "expire":
             if state is not None and state.is_expired():
                 del self.table[event.id.encode()]
@@ -614,12 +630,37 @@ class FerryWorker:
             log.warning("table writes not acknowledged before the rebalance went on; the next owner "
                         "resumes the jobs whose state it does not see")
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
+        # A worker that still runs a call announces it again at every rebalance; one that died
+        # does not, and its jobs are then resumed by their partition's owner.
+        self._running_elsewhere.clear()
+        await self._announce_running()
         self.acks.forget(revoked)
         self._next_offset.clear()
         self._taken_below.clear()
         self._next_event_offset.clear()
         self._last_progress.clear()
         self._outcomes_in_transit.clear()
+
+    async def _announce_running(self) -> None:
+        """Tell each in-flight job's partition, whoever owns it next, that its call runs here.
+
+        Run while the group rebalances, before this worker rejoins it: the announcements are in
+        the job-events topic before any partition is assigned, so the new owner applies them
+        with the partition's events backlog before it takes or resumes anything, and does not
+        start a second call of a job whose first is still running (a clean join or leave then
+        repeats no call). Bounded: an outage must not hold the rebalance up for long.
+        """
+        running = list(self.runner.in_flight)
+        if not running or self.runner.stopping:
+            return
+        announcements = asyncio.gather(*(self.send_event(JobEvent(id=job_id, kind="running")) for job_id in running))
+        try:
+            async with asyncio.timeout(self.settings.kafka_session_timeout_seconds / 2):
+                await announcements
+        except (KafkaError, TimeoutError) as exc:
+            announcements.cancel()
+            log.warning("could not announce %d calls in flight before the rebalance (%s); their partitions' "
+                        "next owners may start them again", len(running), type(exc).__name__)
 
     async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
         """Note where each request partition starts, to see what the stream skips."""
@@ -664,7 +705,8 @@ class FerryWorker:
             return
         now = utcnow()
         orders = [JobEvent(id=job_id, kind="expire") for job_id in self._expiries.pop_due(now)]
-        for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit:
+        for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit \
+                - self._running_elsewhere:
             if not self._events_ready(partition_for(job_id, self.settings.topic_partitions)).is_set():
                 continue
             state = self.get(job_id)

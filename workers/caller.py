@@ -2,22 +2,42 @@
 
 ``ProviderCaller.run(request)`` tries the job's targets in order (primary, then fallbacks) and
 returns its ``Outcome``. Each target is called up to ``retry_max_attempts`` times while it fails
-retryably (429, 5xx, timeout, connection failure), waiting an exponential backoff with jitter,
-or the provider's ``Retry-After`` if longer (both capped at ``retry_max_backoff_seconds``).
-A retryable failure that outlasts its attempts moves on to the next target; any other failure
-ends the job. Each call waits for its provider's limits (``workers/limits.py``).
+in a way that may pass (429, 5xx, timeout, connection failure), waiting an exponential backoff
+with jitter, or the provider's ``Retry-After`` if longer (both capped at
+``retry_max_backoff_seconds``). Each call waits for its provider's limits (``workers/limits.py``)
+and lasts at most its provider's ``timeout_seconds``, the whole call.
 
-Errors, and who they are blamed on (``is_bifrost_error``):
+What a failure leads to, and who it is blamed on (``is_bifrost_error``):
 
-    provider answered non-2xx    -> its status code, its message     (False: the provider's)
-    provider timed out           -> 504 "provider request timed out" (True)
-    provider unreachable         -> 502 "could not reach provider"   (True)
-    provider 2xx, unreadable     -> 502 "unreadable provider response" (True)
-    result over max_result_bytes -> 502 "provider result too large"    (True)
-    request the API can't express-> 400 the adapter's reason          (True)
+    failure                                status and message                           blame  retried  then
+    provider answered 429 or 5xx         -> its status, its message                       False  yes      next target
+    provider answered another status     -> its status, its message                       False  no       job ends
+    provider timed out                   -> 504 "provider request timed out"              True   yes      next target
+    provider unreachable                 -> 502 "could not reach provider"                True   yes      next target
+    request not sendable (a bad key)     -> 500 "the request could not be sent to P: ..." True   no       next target
+    provider answered 2xx, unreadable    -> 502 "unreadable provider response"            True   no       next target
+    result over max_result_bytes         -> 502 "provider result too large: ..."          True   no       next target
+    provider not configured here for T   -> 400 "provider P is not configured for T"      True   no       next target
+    body the provider can't express      -> 400 the adapter's reason                      True   no       next target
+    job deadline reached                 -> 504 "job deadline of N s exceeded after K     True   no       job ends
+                                                calls[; the last failed with S]"
+
+("retried": the same target again, up to ``retry_max_attempts`` calls; "then": what follows
+its last failure.)
+
+So a target is left for the next one when it is overloaded or failing (after its retries), or
+when this target cannot take the request at all (not configured here, cannot express it, answers
+garbage); a provider's own refusal of the request (400, 401, 404, 422...) ends the job, since
+another provider would refuse it too or the client must fix something. When every target has
+failed, the job's error is the last target's.
+
+The job's deadline (``job_deadline_seconds``, from the start of its first call in this worker)
+bounds how long it holds an in-flight slot: no call or retry wait goes past it, each call's
+timeout is cut to what is left, and a retry wait that would pass it gives the target up for the
+next one at once (or, on the last target, ends the job with the deadline error).
 
 A result carries ``extra_fields`` (provider, model_requested, request_type) saying which target
-served it, as an error does.
+served it, as an error does. Nothing here logs a request's headers: they carry the provider key.
 """
 
 from __future__ import annotations
@@ -27,7 +47,7 @@ import itertools
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
@@ -42,6 +62,10 @@ from workers.providers import ADAPTERS
 from workers.providers.base import HttpResponse, ProviderFailure, UnsupportedRequest
 
 log = logging.getLogger(__name__)
+# httpcore's debug trace logs the exception of a send that failed, and the text of an invalid
+# header's exception holds the header's value: a provider key with a stray newline, say. Its
+# debug records are never emitted, whatever FERRY_LOG_LEVEL is.
+logging.getLogger("httpcore").setLevel(logging.INFO)
 
 
 def _extra_fields(target: Target, request_type: RequestType) -> dict[str, Any]:
@@ -72,6 +96,32 @@ class Attempt:
     retry_same: bool = False  # the same target may succeed later
     try_next: bool = False  # another target might succeed
     retry_after: float | None = None
+    out_of_time: bool = False  # given up because a retry wait would pass the job's deadline
+
+
+@dataclass
+class JobClock:
+    """A job's time in this worker: its deadline (event loop time) and the calls made so far."""
+
+    seconds: float
+    deadline: float
+    calls: int = 0  # requests sent to providers
+    last_failure: int | None = None  # status of the last failed attempt
+
+    @classmethod
+    def start(cls, seconds: float) -> "JobClock":
+        return cls(seconds, asyncio.get_running_loop().time() + seconds)
+
+    def remaining(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def exceeded(self, target: Target, request_type: RequestType) -> Attempt:
+        """The job's end at its deadline: 504, saying how far it got."""
+        message = f"job deadline of {self.seconds:g} s exceeded after {self.calls} call{'' if self.calls == 1 else 's'}"
+        if self.last_failure is not None:
+            message += f"; the last failed with {self.last_failure}"
+        error = service_error(504, message, "job_deadline_exceeded", target, request_type)
+        return Attempt(Outcome(status_code=504, error=error))
 
 
 OnRetry = Callable[[RetryInfo], Awaitable[None]]
@@ -110,12 +160,15 @@ class ProviderCaller:
         await asyncio.gather(*(client.aclose() for client in clients))
 
     async def run(self, request: JobRequest, on_retry: OnRetry | None = None) -> Outcome:
-        """The job's outcome after trying its targets in order."""
+        """The job's outcome after trying its targets in order, within the job's deadline."""
+        clock = JobClock.start(self._settings.job_deadline_seconds)
         attempt: Attempt | None = None
         for target in request.targets:
-            attempt = await self._call_with_retries(target, request, on_retry)
+            attempt = await self._call_with_retries(target, request, on_retry, clock)
             if attempt.outcome.error is None or not attempt.try_next:
-                break
+                return attempt.outcome
+        if attempt.out_of_time:  # the last target's retry would have waited past the deadline
+            return clock.exceeded(request.targets[-1], request.request_type).outcome
         return attempt.outcome
 
     def backoff_seconds(self, failed_calls: int, retry_after: float | None) -> float:
@@ -125,13 +178,21 @@ class ProviderCaller:
         delay = random.uniform(ceiling / 2, ceiling)  # jitter spreads retries of a burst apart
         return min(max(delay, retry_after or 0.0), settings.retry_max_backoff_seconds)
 
-    async def _call_with_retries(self, target: Target, request: JobRequest, on_retry: OnRetry | None) -> Attempt:
+    async def _call_with_retries(self, target: Target, request: JobRequest, on_retry: OnRetry | None,
+                                 clock: JobClock) -> Attempt:
         call = 1
         while True:
-            attempt = await self._call(target, request)
+            if clock.remaining() <= 0:
+                return clock.exceeded(target, request.request_type)
+            attempt = await self._call(target, request, clock)
+            if attempt.outcome.error is not None:
+                clock.last_failure = attempt.outcome.status_code
             if attempt.outcome.error is None or not attempt.retry_same or call >= self._settings.retry_max_attempts:
                 return attempt
             delay = self.backoff_seconds(call, attempt.retry_after)
+            if delay >= clock.remaining():
+                # No point waiting for a call that could not start before the deadline.
+                return replace(attempt, try_next=True, out_of_time=True)
             if on_retry is not None:
                 await on_retry(RetryInfo(target=str(target), attempt=call, status_code=attempt.outcome.status_code,
                                          next_attempt_at=utcnow() + timedelta(seconds=delay)))
@@ -158,8 +219,8 @@ class ProviderCaller:
             self._limits[endpoint.name] = ProviderLimits(endpoint)
         return self._limits[endpoint.name]
 
-    async def _call(self, target: Target, request: JobRequest) -> Attempt:
-        """One call to one target."""
+    async def _call(self, target: Target, request: JobRequest, clock: JobClock) -> Attempt:
+        """One call to one target, ended by the provider's timeout or the job's deadline."""
         rtype = request.request_type
         endpoint: ProviderEndpoint | None = self._settings.provider_endpoints.get(target.provider)
         if endpoint is None or rtype not in endpoint.request_types:
@@ -179,17 +240,42 @@ class ProviderCaller:
         if not self._clients:
             await self.start()  # agents may take jobs before the worker's services have started
         client = self._clients[next(self._turn) % len(self._clients)]
+        loop = asyncio.get_running_loop()
+        at_deadline = True  # whether the bound in force is the job's deadline (else the provider's timeout)
+        sent = False
         try:
-            async with self._limits_for(endpoint).call_slot():
-                reply = await client.request(
-                    http_request.method, http_request.url, headers=http_request.headers, json=http_request.json,
-                    data=http_request.data, files=http_request.files,
-                    timeout=httpx.Timeout(endpoint.timeout_seconds,
-                                          connect=self._settings.http_connect_timeout_seconds),
-                )
-        except httpx.TimeoutException:
+            # The deadline bounds the wait for the provider's limits and the call; the call's
+            # own bound is its provider's timeout, the whole call, when that ends sooner.
+            async with asyncio.timeout_at(clock.deadline) as bound:
+                async with self._limits_for(endpoint).call_slot():
+                    call_ends = loop.time() + endpoint.timeout_seconds
+                    if call_ends < clock.deadline:
+                        at_deadline = False
+                        bound.reschedule(call_ends)
+                    clock.calls += 1
+                    sent = True
+                    reply = await client.request(
+                        http_request.method, http_request.url, headers=http_request.headers,
+                        json=http_request.json, data=http_request.data, files=http_request.files,
+                        timeout=httpx.Timeout(endpoint.timeout_seconds,
+                                              connect=self._settings.http_connect_timeout_seconds),
+                    )
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, TimeoutError) and at_deadline:
+                if sent:
+                    clock.last_failure = None  # the call was cut short, it did not fail
+                return clock.exceeded(target, rtype)
             error = service_error(504, "provider request timed out", "timeout_error", target, rtype)
             return Attempt(Outcome(status_code=504, error=error), retry_same=True, try_next=True)
+        except (httpx.LocalProtocolError, UnicodeEncodeError):
+            # Not sent: a header is not valid HTTP (or not ASCII), in practice a provider key with
+            # a stray newline, space or quote. The exception's text may hold the header's value,
+            # key included: it is not logged.
+            log.warning("provider %s: request not sent, a header is not valid HTTP (check the provider key)",
+                        target.provider)
+            error = service_error(500, f"the request could not be sent to {target.provider}: a request header is "
+                                  "not valid HTTP (check the provider key)", "configuration_error", target, rtype)
+            return Attempt(Outcome(status_code=500, error=error), try_next=True)
         except httpx.TransportError as exc:
             log.warning("provider %s unreachable: %s", target.provider, type(exc).__name__)
             error = service_error(502, "could not reach provider", "connection_error", target, rtype)

@@ -6,7 +6,9 @@ request agent stays sequential and quick: it records ``processing`` in the table
 call to this runner, and moves on. The runner:
 
 - bounds the calls in flight (``worker_max_in_flight``); the agent waits for a slot before
-  taking a job, so excess jobs wait in Kafka, not in memory;
+  taking a job, so excess jobs wait in Kafka, not in memory. A job holds its slot for its
+  calls, at most ``job_deadline_seconds`` (the caller's bound), then while its outcome is
+  delivered;
 - runs each call as a task and hands its ``Outcome`` to ``report`` (the worker records it in
   the jobs table), retrying until that succeeds: a lost outcome would mean a second call;
 - reports each provider retry the same way, so a poll shows why the job waits;

@@ -6,8 +6,10 @@ starts with ``answer = await self.admit(request)``: that records the request, wa
 configured latency, and answers with an error when the key is wrong or a failure is scripted.
 
 Knobs, per server: ``latency`` (seconds before each answer), ``fail_next`` (a list of
-``(status, retry_after)`` to answer in turn), ``on_request`` (a hook called with each recorded
-request). Bodies of OpenAI-compatible fakes may also carry ``x_fake`` directives (see
+``(status, retry_after)`` to answer in turn; ``retry_after`` in seconds, or a string sent as the
+``Retry-After`` header as is, such as an HTTP date), ``garbage_next`` (how many of the next
+answers are a 200 with an HTML page instead of the provider's JSON, as a proxy in front of it
+may send), ``on_request`` (a hook called with each recorded request). Bodies of OpenAI-compatible fakes may also carry ``x_fake`` directives (see
 ``openai_server``); the others' real APIs refuse unknown fields, so their fakes do too.
 """
 
@@ -60,7 +62,8 @@ class FakeProvider:
 
     api_key: str | None = None
     latency: float = 0.0
-    fail_next: list[tuple[int, float | None]] = field(default_factory=list)  # (status, retry_after)
+    fail_next: list[tuple[int, float | str | None]] = field(default_factory=list)  # (status, retry_after)
+    garbage_next: int = 0
     requests: deque = field(default_factory=lambda: deque(maxlen=100_000))
     calls: int = 0
     on_request: Callable[[ReceivedRequest], None] | None = None
@@ -108,7 +111,9 @@ class FakeProvider:
     # -- shared ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def retry_after_header(retry_after: float | None) -> dict[str, str]:
+    def retry_after_header(retry_after: float | str | None) -> dict[str, str]:
+        if isinstance(retry_after, str):
+            return {"Retry-After": retry_after}
         return {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
 
     async def admit(self, request: web.Request) -> Admission:
@@ -144,6 +149,10 @@ class FakeProvider:
         if self.fail_next:
             status, retry_after = self.fail_next.pop(0)
             return Admission(body, files, self.error(status, retry_after))
+        if self.garbage_next:
+            self.garbage_next -= 1
+            page = "<html><body><h1>200 OK</h1>upstream connection reset</body></html>"
+            return Admission(body, files, web.Response(status=200, text=page, content_type="text/html"))
         if "status" in directives:
             return Admission(body, files, self.error(int(directives["status"]), directives.get("retry_after")))
         return Admission(body, files)

@@ -10,6 +10,18 @@ from app.settings import Settings
 from deploy.kafka.broker import DEFAULT_HOME, BrokerError, LocalKafka
 
 
+def _status(broker: LocalKafka) -> str:
+    pid = broker.running_pid()
+    if pid is None:
+        return "not running"
+    serving = broker.running_port()
+    if serving != broker.port:
+        # The home's broker is identified by its directory; another port is another broker.
+        return (f"not running on {broker.bootstrap_servers} (the broker of {broker.home}, pid {pid}, "
+                f"serves port {serving})")
+    return f"running, pid {pid}, {broker.bootstrap_servers}"
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m deploy.kafka", description=__doc__)
@@ -31,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             stopped = broker.stop()
             print("stopped" if stopped else "not running", file=sys.stderr)
         elif args.command == "status":
-            pid = broker.running_pid()
-            print(f"running, pid {pid}, {broker.bootstrap_servers}" if pid else "not running")
-            return 0 if pid else 1
+            # A status query answers; a broker that is not running is an answer, not a failure.
+            print(_status(broker))
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -167,6 +167,17 @@ class LocalKafka:
         self.pid_file.unlink(missing_ok=True)
         return None
 
+    def running_port(self) -> int | None:
+        """The client port this home's broker was last started with (from its properties file)."""
+        try:
+            lines = self.properties_file.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("advertised.listeners=PLAINTEXT://"):
+                return int(line.rsplit(":", 1)[1])
+        return None
+
     def _write_properties(self) -> None:
         settings = {
             "process.roles": "broker,controller",

@@ -178,10 +178,17 @@ async def test_poll_right_after_submit_on_another_api_process(api, second_api) -
 async def test_pending_behind_a_backlog_of_ten_thousand(api, second_api, ferry_settings) -> None:
     body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES}
     backlog = 10_000
-    for start in range(0, backlog, 250):
-        statuses = await asyncio.gather(*(api.post(CHAT, json=body) for _ in range(250)))
-        assert {r.status for r in statuses} == {202}
-    assert await end_offsets(ferry_settings, request_topic(ferry_settings, RequestType.chat_completion)) == backlog
+    accepted_count = maybe_queued = 0
+    while accepted_count < backlog:
+        batch = min(250, backlog - accepted_count)
+        statuses = await asyncio.gather(*(api.post(CHAT, json=body) for _ in range(batch)))
+        # A loaded machine may take longer than the submit timeout: a 503 is then retried, as a
+        # client would; one that names its job may have been queued all the same.
+        assert {r.status for r in statuses} <= {202, 503}
+        accepted_count += sum(1 for r in statuses if r.status == 202)
+        maybe_queued += sum(1 for r in statuses if r.status == 503 and "x-bf-async-job-id" in r.headers)
+    queued = await end_offsets(ferry_settings, request_topic(ferry_settings, RequestType.chat_completion))
+    assert backlog <= queued <= backlog + maybe_queued
 
     accepted = await submit(api, body)
     for client in (api, second_api):
@@ -205,7 +212,7 @@ async def test_broker_down_at_submit_is_503_and_polls_still_answer(private_broke
         for _ in range(3):
             response = await api.post(CHAT, json=body)
             assert response.status == 503
-            assert response.headers["Retry-After"] == "1"
+            assert 1 <= int(response.headers["Retry-After"]) <= 30  # grows with the outage, jittered
             error = await response.json()
             assert error["is_bifrost_error"] is True and error["status_code"] == 503
             assert "Kafka is unavailable" in error["error"]["message"]
@@ -214,7 +221,7 @@ async def test_broker_down_at_submit_is_503_and_polls_still_answer(private_broke
         response = await api.get(f"{CHAT}/{accepted['id']}")
         assert response.status == 202 and (await response.json())["id"] == accepted["id"]
         unknown = await api.get(f"{CHAT}/00000000-0000-4000-8000-000000000000")
-        assert unknown.status == 503 and unknown.headers["Retry-After"] == "1"
+        assert unknown.status == 503 and 1 <= int(unknown.headers["Retry-After"]) <= 30
 
         private_broker.start()
 

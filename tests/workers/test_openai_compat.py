@@ -50,5 +50,5 @@ def test_parse_failure_of_non_openai_bodies() -> None:
     assert detail.message == "model not loaded" and not detail.retryable
     html = adapter.parse_failure(HttpResponse(502, {}, b"<html>Bad gateway</html>"))
     assert html.message == "<html>Bad gateway</html>" and html.retryable
-    empty = adapter.parse_failure(HttpResponse(503, {"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, b""))
-    assert empty.message == "provider answered 503" and empty.retry_after_seconds is None
+    empty = adapter.parse_failure(HttpResponse(503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, b""))
+    assert empty.message == "provider answered 503" and empty.retry_after_seconds == 0.0  # a date in the past

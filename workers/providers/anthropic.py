@@ -9,9 +9,15 @@ Request (``POST <base_url>/v1/messages``, headers ``x-api-key`` and ``anthropic-
   ``tool_result`` blocks in a user turn; consecutive turns of one role are merged, since the
   API wants them alternating;
 - ``max_tokens`` (or ``max_completion_tokens``) is required there: ``DEFAULT_MAX_TOKENS`` when
-  absent; ``stop`` becomes ``stop_sequences``; ``tools``/``tool_choice`` are translated;
-  Anthropic's own fields (``top_k``, ``thinking``, ``metadata``...) pass through; OpenAI fields
-  that have no equivalent (``n``, ``logprobs``...) are dropped.
+  absent; ``stop`` becomes ``stop_sequences``; ``tools``, ``tool_choice`` and
+  ``parallel_tool_calls`` become Anthropic's tools and ``tool_choice``; ``user`` becomes
+  ``metadata.user_id``; ``temperature`` and ``top_p`` are kept;
+- the Messages API's own fields that have no OpenAI counterpart pass through as given
+  (``PASSED_THROUGH``: ``top_k``, ``thinking``, ``metadata``, ``service_tier``, ``container``,
+  ``mcp_servers``);
+- every other field is dropped: OpenAI's that have no equivalent (``n``, ``logprobs``,
+  penalties, ``seed``, ``response_format``...) and unknown ones, which the API would refuse
+  with 400 (and which may be meant for another target of the job).
 
 Response: text blocks join into the message content, ``tool_use`` blocks become ``tool_calls``,
 the stop reason maps to a ``finish_reason``, usage to OpenAI's token counts. Errors are

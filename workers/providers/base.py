@@ -7,7 +7,10 @@ module that talks to the network is ``workers/caller.py``.
 
 from __future__ import annotations
 
+import email.utils
+import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol, Sequence
 
 import orjson
@@ -74,13 +77,48 @@ class ProviderAdapter(Protocol):
     def parse_failure(self, response: HttpResponse) -> ProviderFailure: ...
 
 
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds form); an HTTP date or garbage reads as None."""
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by its lower-case name, whatever case the mapping uses (httpx's is insensitive)."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value.strip() if isinstance(value, str) else None
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """How long the provider asks to wait before the next call, in seconds; None when it does not say.
+
+    - ``retry-after-ms`` (OpenAI, Azure OpenAI): milliseconds; preferred when present, being
+      the more precise;
+    - ``Retry-After`` (RFC 9110 10.2.3): delta-seconds, or an HTTP-date (IMF-fixdate, and the
+      obsolete forms ``email.utils`` reads); a date in the past is 0.
+
+    Negative numbers read as 0; a value that is none of these is ignored (None). ``now`` is the
+    moment the date is measured from (default: the current time).
+    """
+    millis = _header(headers, "retry-after-ms")
+    if millis:
+        try:
+            value = float(millis)
+            if math.isfinite(value):
+                return max(0.0, value / 1000)
+        except ValueError:
+            pass
+    value = _header(headers, "retry-after")
+    if not value:
         return None
+    try:
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # "-0000" and the obsolete forms: GMT (RFC 9110 5.6.7)
+    return max(0.0, (moment - (now or datetime.now(timezone.utc))).total_seconds())
 
 
 def json_headers(key_header: str, key: str | None, key_prefix: str = "") -> dict[str, str]:

@@ -1,14 +1,17 @@
 """Cohere (API v2): rerank and embeddings, keyed with ``Authorization: Bearer``.
 
 Rerank: ``POST <base_url>/v2/rerank``. Ferry's rerank body is the common one (Cohere's, Jina's,
-Together's): ``{"query", "documents": [str | {"text"}], "top_n", "return_documents"}``; the result
+Together's): ``{"query", "documents": [str | {"text"}], "top_n", "return_documents"}``, plus
+Cohere's ``max_tokens_per_doc``, passed through; other fields are dropped. The result
 is ``{"id", "object": "list", "model", "results": [{"index", "relevance_score", "document"?}],
 "usage": {"search_units"}}``. Cohere v2 no longer returns documents, so Ferry adds them back
 from the request when ``return_documents`` is true.
 
-Embeddings: ``POST <base_url>/v2/embed`` with ``texts``, ``input_type`` (default
-``search_document``, since Cohere requires one) and float embeddings, answered as an OpenAI
-embedding list with the billed input tokens as usage.
+Embeddings: ``POST <base_url>/v2/embed`` with ``texts`` (from ``input``), ``input_type``
+(default ``search_document``, since Cohere requires one), ``output_dimension`` (from
+``dimensions``) and float embeddings; Cohere's ``truncate`` and ``max_tokens`` pass through,
+other fields are dropped. Answered as an OpenAI embedding list with the billed input tokens as
+usage.
 
 Errors are ``{"id"?, "message"}`` with the HTTP status telling the kind.
 """
@@ -64,8 +67,9 @@ def to_embed(model: str, body: Mapping[str, Any]) -> dict[str, Any]:
                                "input_type": body.get("input_type") or DEFAULT_INPUT_TYPE}
     if body.get("dimensions"):
         request["output_dimension"] = body["dimensions"]
-    if body.get("truncate"):
-        request["truncate"] = body["truncate"]
+    for name in ("truncate", "max_tokens"):  # Cohere's own
+        if body.get(name) is not None:
+            request[name] = body[name]
     return request
 
 

@@ -4,12 +4,18 @@ Chat: ``POST <base_url>/v1beta/models/<model>:generateContent``. System messages
 ``systemInstruction``; turns become ``contents`` with roles ``user`` and ``model``; text parts
 stay text, ``data:`` image URLs become ``inlineData`` (other URLs ``fileData``); an assistant's
 ``tool_calls`` become ``functionCall`` parts and ``tool`` messages ``functionResponse`` parts
-(named after the call they answer); sampling fields go to ``generationConfig``; ``tools`` and
-``tool_choice`` to ``tools``/``toolConfig``. The answer's candidates become choices, its
-``usageMetadata`` the usage.
+(named after the call they answer); ``temperature``, ``top_p``, ``n``, ``seed``, the penalties,
+``max_tokens``/``max_completion_tokens``, ``stop`` and a JSON ``response_format`` go to
+``generationConfig``; ``tools`` and ``tool_choice`` to ``tools``/``toolConfig``. The API's own
+fields pass through as given (``PASSED_THROUGH``: ``safetySettings``, ``cachedContent``), and a
+``generationConfig`` object in the body is merged over the translated one (its keys win:
+``topK``, ``thinkingConfig``, ``responseSchema``...). Every other field is dropped: the API
+refuses unknown ones with 400. The answer's candidates become choices, its ``usageMetadata``
+the usage.
 
 Embeddings: ``POST <base_url>/v1beta/models/<model>:batchEmbedContents``, one request per
-input, answered as an OpenAI embedding list (Gemini reports no token counts for embeddings, so
+input (``dimensions`` becomes ``outputDimensionality``, ``task_type`` ``taskType``; other fields
+are dropped), answered as an OpenAI embedding list (Gemini reports no token counts for embeddings, so
 the list has no ``usage``).
 
 Errors are Google's ``{"error": {"code", "message", "status"}}``; ``status`` (``RESOURCE_EXHAUSTED``,
@@ -36,6 +42,7 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_fil
 GENERATION_FIELDS = {"temperature": "temperature", "top_p": "topP", "n": "candidateCount", "seed": "seed",
                      "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty"}
 TOOL_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
+PASSED_THROUGH = ("safetySettings", "cachedContent")  # generateContent fields with no OpenAI counterpart
 
 
 def _part(part: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,6 +117,9 @@ def to_generate_content(body: Mapping[str, Any]) -> dict[str, Any]:
     response_format = body.get("response_format") or {}
     if response_format.get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
+    native_config = body.get("generationConfig")
+    if isinstance(native_config, dict):
+        config.update(native_config)
     if config:
         request["generationConfig"] = config
     if body.get("tools"):
@@ -122,6 +132,7 @@ def to_generate_content(body: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(choice, dict) and choice.get("type") == "function":
             request["toolConfig"] = {"functionCallingConfig": {
                 "mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}}
+    request.update({name: body[name] for name in PASSED_THROUGH if name in body})
     return request
 
 

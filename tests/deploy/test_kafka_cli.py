@@ -1,0 +1,42 @@
+"""`python -m deploy.kafka`: a status query answers (exit 0) whether or not the broker runs,
+while a start that cannot start still fails."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.processes import REPO_ROOT, free_port
+
+
+def kafka_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("FERRY_")} | env
+    return subprocess.run([sys.executable, "-m", "deploy.kafka", *args], cwd=REPO_ROOT, env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_status_of_a_broker_that_is_not_running_is_an_answer_not_a_failure() -> None:
+    # The default home: the shared test broker may run there, on its own port, not on this one.
+    port = free_port()
+    result = kafka_cli("status", FERRY_LOCAL_KAFKA_PORT=str(port))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("not running"), result.stdout
+    assert "running, pid" not in result.stdout
+
+
+def test_status_in_a_home_where_no_broker_ever_ran(tmp_path: Path) -> None:
+    result = kafka_cli("status", "--home", str(tmp_path / "kafka"), FERRY_LOCAL_KAFKA_PORT=str(free_port()))
+    assert (result.returncode, result.stdout) == (0, "not running\n"), result.stderr
+
+
+def test_a_start_that_cannot_start_still_fails(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = kafka_cli("start", "--home", str(tmp_path / "kafka"), FERRY_LOCAL_KAFKA_PORT=str(port))
+    assert result.returncode == 1
+    assert f"error: port {port} or {port + 1} is taken" in result.stderr
