@@ -9,6 +9,7 @@ import signal
 from api.connections import ConnectionLimits, raise_open_file_limit, serve
 from api.server import LISTEN_BACKLOG, create_api
 from app.event_loop import use_uvloop
+from app.kafka_clients import verify_connection
 from app.settings import Settings
 
 log = logging.getLogger("api")
@@ -27,6 +28,8 @@ async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (aiohttp's run_app, whose runner
     cannot be given the connection guard): stop listening, close idle connections, let
     requests in flight finish (up to 60 s), then stop the app's Kafka clients."""
+    # Wrong TLS or SASL settings end the process here, in one line, rather than in retries.
+    await verify_connection(settings)
     open_file_limit = raise_open_file_limit()
     limits = ConnectionLimits.from_settings(settings, open_file_limit)
     stop = asyncio.Event()

@@ -1,12 +1,14 @@
 """The API's OpenAPI 3.1 document, served at ``GET /openapi.json``, built from the code that validates.
 
-Nothing in it is a second copy of a rule: the JSON bodies are the pydantic models of
-``api.request_models`` (``REQUEST_MODELS``) as components, each submit's body adds what
-``JSON_RULES`` requires (``allOf``: required and non-empty fields, the streaming value refused);
-the multipart forms come from ``FORM_RULES``; ``model`` and ``fallbacks`` are constrained to the
-providers configured for the request type and to ``max_fallbacks``; the error object is
-``app.jobs.ErrorObject``; the paths are ``api.routes.PATHS``. The shapes the handlers write as
-dicts (the job object, the submit's 202, the health pages) are typed here once, as closed
+The JSON bodies are the pydantic models of ``api.request_models`` (``REQUEST_MODELS``) as
+components, each submit's body adding what ``JSON_RULES`` requires (``allOf``: the required fields
+non-empty, the streaming value refused); the multipart forms come from ``FORM_RULES``; ``model``
+and ``fallbacks`` are held to the providers configured for the request type and to
+``max_fallbacks``; the error object is ``app.jobs.ErrorObject``; the paths are ``api.routes.PATHS``.
+What the validation does by hand (splitting and resolving ``provider/model``, a form's stripped
+fields and comma-separated fallbacks) is said here as patterns built from that same data, and
+tests/api/test_openapi.py holds each against the validation itself. The shapes the handlers
+write as dicts (the job object, the submit's 202, the health pages) are typed here, as closed
 TypedDicts, and the tests check them against what the code renders.
 
 The document says exactly what is accepted, so that a client (or a fuzzer) that follows it gets
@@ -165,25 +167,34 @@ def target_pattern(providers: list[str]) -> str:
     return rf"^{_one_of_names(providers)}/[\s\S]"
 
 
+# What str.strip() removes from a form field, spelled out: regex engines disagree on \s (ECMA's
+# leaves out \x1c-\x1f, which Python strips).
+_SPACES = "".join(f"\\u{code:04x}" for code in range(0x10000) if chr(code).isspace())
+SPACE = f"[{_SPACES}]"
+NOT_SPACE = f"[^{_SPACES}]"
+
+
 def form_target_pattern(providers: list[str]) -> str:
     """A form's ``model``: as in JSON, but the field is stripped of surrounding whitespace first."""
-    return rf"^\s*{_one_of_names(providers)}/\s*\S"
+    return rf"^{SPACE}*{_one_of_names(providers)}/{SPACE}*{NOT_SPACE}"
 
 
 def form_fallbacks_pattern(providers: list[str], max_fallbacks: int) -> str:
     """A form's ``fallbacks`` field: comma-separated names, each stripped, empty ones skipped;
     at most ``max_fallbacks`` pieces, so never more names."""
-    name = rf"\s*{_one_of_names(providers)}/[^,]*[^,\s][^,]*"
-    piece = rf"(?:{name}|\s*)"
+    name = rf"{SPACE}*{_one_of_names(providers)}/[^,]*[^,{_SPACES}][^,]*"
+    piece = rf"(?:{name}|{SPACE}*)"
     return rf"^{piece}(?:,{piece}){{0,{max_fallbacks - 1}}}$"
 
 
 # A form's stream field is refused when it is "true" (stripped, any case). A pattern rather than a
 # "not": schemathesis's coverage phase cannot generate around a "not" in a schema with file parts.
-FORM_STREAM_PATTERN = r"^(?!\s*[Tt][Rr][Uu][Ee]\s*$)"
+FORM_STREAM_PATTERN = rf"^(?!{SPACE}*[Tt][Rr][Uu][Ee]{SPACE}*$)"
 
 
-UNSATISFIABLE: dict[str, Any] = {"not": {}}
+# For a request type no configured provider serves; no "not" (see FORM_STREAM_PATTERN).
+UNSATISFIABLE: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 0,
+                                 "description": "No configured provider serves this request type."}
 
 
 def _providers_for(settings: Settings, request_type: RequestType) -> list[str]:
@@ -203,8 +214,9 @@ def json_rules_schema(request_type: RequestType, settings: Settings) -> dict[str
     for field, message in rules.required:
         properties[field] = {"not": {"enum": EMPTY_VALUES}, "description": f"Missing or empty: 400 {message!r}."}
     if rules.stream_field:
+        refused = json.dumps(rules.stream_value)
         properties[rules.stream_field] = {"not": {"const": rules.stream_value},
-                                          "description": f"{json.dumps(rules.stream_value)}: 400 {rules.stream_message!r}."}
+                                          "description": f"{refused}: 400 {rules.stream_message!r}."}
     required = ["model", *(field for field, _ in rules.required)]
     return {"type": "object", "required": required, "properties": properties}
 
@@ -223,7 +235,7 @@ def form_schema(request_type: RequestType, settings: Settings) -> dict[str, Any]
         "fallbacks": {
             "type": "string",
             "pattern": (form_fallbacks_pattern(providers, settings.max_fallbacks) if providers
-                        else r"^[\s,]*$"),
+                        else rf"^[,{_SPACES}]*$"),
             "description": (f"Comma-separated provider/model names, at most {settings.max_fallbacks}; "
                             "the field may also be repeated."),
         },
@@ -237,7 +249,9 @@ def form_schema(request_type: RequestType, settings: Settings) -> dict[str, Any]
     wanted, message = rules.required_file
     schema: dict[str, Any] = {
         "type": "object", "properties": properties, "required": ["model"],
-        "propertyNames": PART_NAME, "additionalProperties": {"type": "string"},
+        # Other fields are forwarded when non-empty; a repeated one as the list of its values.
+        "propertyNames": PART_NAME,
+        "additionalProperties": {"type": ["string", "array"], "items": {"type": "string"}},
         "description": f"Without a non-empty {' or '.join(sorted(wanted))} part: 400 {message!r}.",
     }
     if len(wanted) == 1:
@@ -282,9 +296,14 @@ def _submit_operation(request_type: RequestType, settings: Settings) -> dict[str
     name = request_type.value
     if request_type in FORM_RULES:
         body = {"multipart/form-data": {"schema": _ref(f"{name}_form")}}
+        limit = settings.max_upload_bytes
     else:
-        body = _json({"allOf": [_ref(REQUEST_MODELS[request_type].__name__), json_rules_schema(request_type, settings)]})
-    link_parameters = {"job_id": "$response.body#/id"} | {name: f"$request.header.{name}" for name in KEY_HEADERS}
+        model = _ref(REQUEST_MODELS[request_type].__name__)
+        body = _json({"allOf": [model, json_rules_schema(request_type, settings)]})
+        limit = settings.max_request_bytes
+    # The job and the key it belongs to (x-api-key and x-goog-api-key are read only with an
+    # sk-bf- prefix: x-bf-vk is the key header a client sets).
+    link_parameters = {"job_id": "$response.body#/id", "x-bf-vk": "$request.header.x-bf-vk"}
     return {
         "operationId": f"submit_{name}",
         "summary": f"Submit a {name} job.",
@@ -310,7 +329,7 @@ def _submit_operation(request_type: RequestType, settings: Settings) -> dict[str
             },
             "400": _error("Invalid request: nothing was queued."),
             "408": _error("The body did not arrive in time."),
-            "413": _error(f"Body over the limit ({settings.max_upload_bytes if request_type in FORM_RULES else settings.max_request_bytes} bytes)."),
+            "413": _error(f"Body over the limit ({limit} bytes)."),
             "503": _error(UNAVAILABLE + f" With {JOB_ID_HEADER}, the job may have been queued: poll it first.",
                           {"Retry-After": SECONDS_HEADER,
                            JOB_ID_HEADER: {"description": "The job Kafka did not confirm in time.",
@@ -341,7 +360,7 @@ def _poll_operation(request_type: RequestType) -> dict[str, Any]:
     }
 
 
-def _health_operations() -> dict[str, Any]:
+def _service_operations() -> dict[str, Any]:
     live = {"description": "The process is up.", "content": _json(_ref("Liveness"))}
     return {
         "/health": {"get": {"operationId": "health", "summary": "Liveness.", "tags": ["health"],
@@ -354,6 +373,12 @@ def _health_operations() -> dict[str, Any]:
                 "200": {"description": "Ready.", "content": _json(_ref("Readiness"))},
                 "503": {"description": "Not ready.", "content": _json(_ref("Readiness"))},
             },
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Counters and timings, in Prometheus' text format.",
+            "tags": ["health"],
+            "responses": {"200": {"description": "Prometheus' exposition format.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
         }},
         OPENAPI_PATH: {"get": {
             "operationId": "openapi", "summary": "This document.", "tags": ["meta"],
@@ -376,7 +401,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
     for request_type, path in PATHS.items():
         paths[f"/v1/async/{path}"] = {"post": _submit_operation(request_type, settings)}
         paths[f"/v1/async/{path}/{{job_id}}"] = {"get": _poll_operation(request_type)}
-    paths.update(_health_operations())
+    paths.update(_service_operations())
     return {
         "openapi": "3.1.0",
         "info": {

@@ -39,6 +39,7 @@ from aiokafka.errors import (InvalidProducerEpoch, KafkaError, OutOfOrderSequenc
                              ProducerFenced, UnknownProducerId)
 
 from app.jobs import JobRequest, JobState
+from app.kafka_clients import client_options
 from app.settings import Settings
 from app.topics import changelog_topic, max_message_bytes, partition_for, request_topic, request_topics
 
@@ -92,7 +93,7 @@ class JobPublisher:
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
-            bootstrap_servers=self._settings.require_bootstrap_servers(),
+            **client_options(self._settings),
             client_id="ferry-api",
             acks="all",
             enable_idempotence=True,

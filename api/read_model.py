@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app.jobs import JobState, JobStatus
+from app.kafka_clients import client_options
 from app.settings import Settings
 from app.topics import changelog_topic, partition_for
 
@@ -85,7 +86,7 @@ class JobReadModel:
         delay = 0.2
         while True:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._settings.require_bootstrap_servers(),
+                **client_options(self._settings),
                 client_id="ferry-api-read-model",
                 group_id=None,
                 enable_auto_commit=False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, with_config
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator, with_config
 from pydantic_core import PydanticCustomError
 from typing_extensions import NotRequired, TypedDict
 
@@ -42,9 +42,21 @@ def Array(item: Any) -> Any:  # noqa: N802 - reads as a type
 
 # -- shared shapes ------------------------------------------------------------------------------
 
+def _whole_number(value: Any) -> Any:
+    # Only where a float holds every integer exactly: a larger one may be a rounded integer
+    # outside the range the JSON parser reads as integers, which stays refused.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
+        return int(value)
+    return value
+
+
+# A token id: an integer. JSON does not tell 1 from 1.0 (RFC 8259 has one number type, and
+# JSON Schema calls 1.0 an integer), so a whole number written with a fraction is one too.
+TokenId = Annotated[int, BeforeValidator(_whole_number)]
+
 # OpenAI's text and embedding inputs: a string, strings, a token array, or token arrays.
 TextOrTokens = Annotated[
-    str | Array(str) | Array(int) | Array(Array(int)),
+    str | Array(str) | Array(TokenId) | Array(Array(TokenId)),
     one_of("a string, an array of strings, an array of token ids or an array of token id arrays"),
 ]
 

@@ -8,10 +8,12 @@ from aiohttp import web
 
 from api.connections import body_deadline, handler_args
 from api.errors import error_middleware
+from api.metrics import METRICS, metrics_middleware, metrics_page
 from api.openapi import add_openapi_route
 from api.publisher import JobPublisher
 from api.read_model import JobReadModel
 from api.routes import PUBLISHER, READ_MODEL, SETTINGS, add_job_routes
+from app.metrics import ApiMetrics
 from app.settings import Settings
 from app.topics import declare_topics
 
@@ -35,7 +37,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def _lifecycle(api: web.Application):
     settings = api[SETTINGS]
-    await declare_topics(settings)
+    await declare_topics(settings, used_by="api")
     await api[PUBLISHER].start()
     await api[READ_MODEL].start()
     yield
@@ -50,7 +52,7 @@ def create_api(settings: Settings) -> web.Application:
     body_deadline_middleware = body_deadline(settings.api_body_timeout_seconds,
                                              settings.api_body_min_rate_bytes_per_second)
     api = web.Application(client_max_size=max(settings.max_request_bytes, settings.max_upload_bytes),
-                          middlewares=[error_middleware, body_deadline_middleware],
+                          middlewares=[metrics_middleware, error_middleware, body_deadline_middleware],
                           handler_args=handler_args(settings))
     api[SETTINGS] = settings
     api[PUBLISHER] = JobPublisher(settings)
@@ -59,6 +61,8 @@ def create_api(settings: Settings) -> web.Application:
     api.router.add_get("/health", live)
     api.router.add_get("/health/live", live)
     api.router.add_get("/health/ready", ready)
+    api[METRICS] = ApiMetrics()
+    api.router.add_get("/metrics", metrics_page)
     add_job_routes(api)
     add_openapi_route(api)
     return api

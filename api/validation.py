@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import BodyPartReader
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.helpers import parse_mimetype
 from pydantic import ValidationError
 
@@ -309,6 +310,10 @@ async def read_form(request, request_type: RequestType, max_bytes: int) -> Form:
                 _add_field(fields, name, _utf8(value, f"field {name}"))
     except ApiError:
         raise
+    except HttpProcessingError:
+        # A part's headers that aiohttp's header parser refuses (a control character in a
+        # name); its text may quote the client's bytes, so the message is fixed.
+        raise bad_request("failed to parse multipart form: malformed part header") from None
     except (ValueError, AssertionError, LookupError) as exc:
         # aiohttp's reader raises these for a missing boundary, a bad part or a bad charset;
         # _FormError and UnicodeDecodeError are ValueErrors.

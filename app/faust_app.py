@@ -8,6 +8,7 @@ import faust
 from faust.web import drivers as web_drivers
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
+from app.kafka_clients import faust_broker_options
 from app.settings import Settings
 from app.topics import max_message_bytes
 
@@ -48,6 +49,12 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         store="memory://",
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
+        # Ferry's topics are declared (or, declaration off, checked) by app/topics.py before Faust
+        # starts; off, Faust creates none either (its table's changelog, its agents' topics).
+        topic_allow_declare=settings.declare_topics,
+        # No <app id>-__assignor-__leader topic: it only elects a leader for on_leader timers and
+        # tasks, which Ferry has none of; one topic fewer for the operator to create.
+        topic_disable_leader=True,
         web="ferry-pages://",
         web_port=settings.worker_web_port,
         web_bind=settings.worker_web_host,
@@ -67,6 +74,8 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         # Multipart requests carry their files, and speech results their audio: the worker
         # writes records up to the topics' max.message.bytes (the dead letter, the changelog).
         producer_max_request_size=max_message_bytes(settings),
+        # TLS and SASL for Faust's consumer, producer and admin client, as every other client has.
+        **faust_broker_options(settings),
     )
     options.update(overrides)
     return faust.App(settings.app_id, **options)

@@ -5,8 +5,7 @@ Three records travel through Kafka, all JSON, all keyed by the job id:
 - ``JobRequest``: what the API accepted, on the request topic of its request type;
 - ``JobState``: a job's current state, the value of the jobs table (and of its changelog);
 - ``JobEvent``: what happened to a job outside a stream (an outcome, a resume or an expiry
-  order, a call still running on a worker that lost the job's partition), on the job-events
-  topic, so that an agent can apply it to the table.
+  order), on the job-events topic, so that an agent can apply it to the table.
 
 ``ErrorObject`` is the contract's error shape, used for every non-2xx answer and for a failed
 job's ``error``.
@@ -248,8 +247,7 @@ class JobEvent(_Record):
     """Something to apply to a job's table entry, from outside a request stream."""
 
     id: str
-    # running: a worker still runs the job's call although a rebalance moved its partition away
-    kind: Literal["outcome", "retrying", "resume", "expire", "catch_up", "running"]
+    kind: Literal["outcome", "retrying", "resume", "expire", "catch_up"]
     outcome: Outcome | None = None
     retry: RetryInfo | None = None
     attempts: int | None = None  # resume: the attempts seen; stale once another start happened

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.jobs import RequestType
@@ -38,7 +38,9 @@ class ProviderConfig(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="FERRY_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix="FERRY_", frozen=True, extra="ignore", populate_by_name=True,
+        # A refused value is named, never echoed: the input holds passwords and provider keys.
+        hide_input_in_errors=True,
     )
 
     # -- Kafka ------------------------------------------------------------------------------
@@ -57,6 +59,109 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(
         1, ge=1, description="Replicas of every topic Ferry declares (production: 3)."
     )
+    declare_topics: bool = Field(
+        True, description="Create the topics that are missing at start. Off: no process creates or alters a "
+        "topic (Faust's own included); the operator creates them (app/topics.py topic_specs). Either way "
+        "each process checks at start that its topics exist with the partitions and configs Ferry needs, "
+        "and exits with the list of what is missing or different."
+    )
+    request_retention_seconds: int = Field(
+        7 * 24 * 3600, ge=1, description="retention.ms of the request topics and the job-events topic, in "
+        "seconds: a job's request is read again when a worker resumes it, so it must outlive the job "
+        "(job_max_attempts x job_deadline_seconds at most, plus the time it may wait in a backlog)."
+    )
+    dead_letter_retention_seconds: int = Field(
+        14 * 24 * 3600, ge=1, description="retention.ms of the dead-letter topic, in seconds: how long the "
+        "requests of poison jobs stay there for inspection and replay."
+    )
+
+    @model_validator(mode="after")
+    def _check_request_retention(self) -> "Settings":
+        """A request deleted while its job can still run would make a resumed job fail as gone."""
+        longest_job = self.job_max_attempts * self.job_deadline_seconds
+        if self.request_retention_seconds <= longest_job:
+            raise ValueError(
+                f"request_retention_seconds={self.request_retention_seconds} must exceed job_max_attempts x "
+                f"job_deadline_seconds = {longest_job:g} s (the longest a job can run), plus room for a backlog"
+            )
+        return self
+
+    # -- Kafka security ---------------------------------------------------------------------------
+    # Every Kafka client (API, worker, admin, benchmark) takes these, through app/kafka_clients.py.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT "
+        "or SASL_SSL (SASL over TLS)."
+    )
+    kafka_ssl_ca_file: str | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates (SSL, SASL_SSL). "
+        "Unset: the system's trusted CAs."
+    )
+    kafka_ssl_cert_file: str | None = Field(
+        None, description="PEM client certificate (chain) for mutual TLS; needs kafka_ssl_key_file."
+    )
+    kafka_ssl_key_file: str | None = Field(None, description="PEM private key of kafka_ssl_cert_file.")
+    kafka_ssl_key_password_file: str | None = Field(
+        None, description="File holding the password of an encrypted kafka_ssl_key_file."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to. Off only for "
+        "brokers reached by an address their certificates do not name."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (SASL_PLAINTEXT, SASL_SSL)."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (FERRY_KAFKA_SASL_PASSWORD); never logged. Or kafka_sasl_password_file."
+    )
+    kafka_sasl_password_file: str | None = Field(
+        None, description="File holding the SASL password (a mounted Secret), read when a client is made."
+    )
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> "Settings":
+        """Refuses combinations that could only fail at the broker, naming the variables to set."""
+        protocol = self.kafka_security_protocol
+        sasl_fields = {"kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+                       "kafka_sasl_username": self.kafka_sasl_username,
+                       "kafka_sasl_password": self.kafka_sasl_password,
+                       "kafka_sasl_password_file": self.kafka_sasl_password_file}
+        ssl_fields = {"kafka_ssl_ca_file": self.kafka_ssl_ca_file, "kafka_ssl_cert_file": self.kafka_ssl_cert_file,
+                      "kafka_ssl_key_file": self.kafka_ssl_key_file,
+                      "kafka_ssl_key_password_file": self.kafka_ssl_key_password_file}
+        if protocol.startswith("SASL_"):
+            missing = [name for name in ("kafka_sasl_mechanism", "kafka_sasl_username") if not sasl_fields[name]]
+            if self.kafka_sasl_password is None and not self.kafka_sasl_password_file:
+                missing.append("kafka_sasl_password or kafka_sasl_password_file")
+            if missing:
+                raise ValueError(f"FERRY_KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}")
+            if self.kafka_sasl_password is not None and self.kafka_sasl_password_file:
+                raise ValueError("set kafka_sasl_password or kafka_sasl_password_file, not both")
+        elif unused := [name for name, value in sasl_fields.items() if value]:
+            raise ValueError(f"{', '.join(unused)} set, but FERRY_KAFKA_SECURITY_PROTOCOL={protocol} uses no SASL")
+        if protocol.endswith("SSL"):
+            if bool(self.kafka_ssl_cert_file) != bool(self.kafka_ssl_key_file):
+                raise ValueError("kafka_ssl_cert_file and kafka_ssl_key_file go together (mutual TLS)")
+            if self.kafka_ssl_key_password_file and not self.kafka_ssl_key_file:
+                raise ValueError("kafka_ssl_key_password_file is set without kafka_ssl_key_file")
+            for name, path in ssl_fields.items():
+                if path and not os.path.isfile(path):
+                    raise ValueError(f"{name}={path}: no such file")
+        elif unused := [name for name, value in ssl_fields.items() if value]:
+            raise ValueError(f"{', '.join(unused)} set, but FERRY_KAFKA_SECURITY_PROTOCOL={protocol} uses no TLS")
+        if self.kafka_sasl_password_file and not os.path.isfile(self.kafka_sasl_password_file):
+            raise ValueError(f"kafka_sasl_password_file={self.kafka_sasl_password_file}: no such file")
+        return self
+
+    def kafka_sasl_password_value(self) -> str | None:
+        """The SASL password, from the setting or read from its file now (a rotated Secret is picked
+        up by the next client made)."""
+        if self.kafka_sasl_password is not None:
+            return self.kafka_sasl_password.get_secret_value()
+        if self.kafka_sasl_password_file:
+            with open(self.kafka_sasl_password_file) as secret:
+                return secret.read().strip()
+        return None
 
     # -- API ----------------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")

@@ -131,7 +131,12 @@ async def poll(args) -> Recorder:
 async def kafka(args) -> Recorder:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", enable_idempotence=True,
+    from app.kafka_clients import client_options
+    from app.settings import Settings
+
+    # The broker's security settings (FERRY_KAFKA_SECURITY_PROTOCOL...) as Ferry's processes take them.
+    security = client_options(Settings(kafka_bootstrap_servers=args.bootstrap))
+    producer = AIOKafkaProducer(**security, acks="all", enable_idempotence=True,
                                 linger_ms=1, max_batch_size=256 * 1024)
     await producer.start()
     value = json.dumps(chat_body(args.model)).encode()

@@ -34,6 +34,7 @@ from pathlib import Path
 import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient
 
+from app.kafka_clients import client_options
 from app.settings import Settings
 from app.topics import declare_topics
 from deploy.kafka.locate import locate
@@ -148,7 +149,7 @@ class Stack:
         """Stop the processes, then delete the run's topics: a broker that keeps every run's
         topics (14 topics of 8 partitions each) gets slower, and later figures noisier."""
         self.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**client_options(self.settings))
         await admin.start()
         try:
             prefixes = (f"{self.settings.topic_prefix}-", f"{self.settings.app_id}-")

@@ -28,7 +28,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that makes a child process build these same settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FERRY_")}
     for name, value in settings.model_dump(exclude={"providers", "kafka_bootstrap_servers"}).items():
-        env[f"FERRY_{name.upper()}"] = str(value)
+        if value is None:
+            continue  # unset stays unset ("None" would be read as a value)
+        env[f"FERRY_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
     providers = {
         name: {key: (value.get_secret_value() if isinstance(value, SecretStr) else value)

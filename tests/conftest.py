@@ -189,7 +189,7 @@ async def worker(ferry_settings: Settings) -> FerryWorker:
 def pytest_addoption(parser: pytest.Parser) -> None:
     # The fuzz test's budget, as an option because tests do not read the environment.
     parser.addoption(
-        "--fuzz-examples", type=int, default=25, metavar="N",
-        help="Examples schemathesis generates per API operation, and stateful scenarios, in tests/fuzz "
-             "(default 25, a CI-sized run; try 500 or more to fuzz longer).",
+        "--fuzz-examples", type=int, default=50, metavar="N",
+        help="Cases schemathesis generates per API operation and phase in tests/fuzz (default 50, about "
+             "a minute; 1000 or more to fuzz longer).",
     )

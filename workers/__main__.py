@@ -12,6 +12,7 @@ from typing import IO
 import faust
 
 from app.event_loop import use_uvloop
+from app.kafka_clients import verify_connection
 from app.logs import configure_logging
 from app.settings import Settings
 from app.topics import declare_topics
@@ -64,7 +65,9 @@ def main() -> None:
     # Before anything starts: a second worker on one machine fails here, saying what to set.
     data_dir_lock = claim_data_dir(settings.worker_data_dir)
     check_web_port(settings.worker_web_host, settings.worker_web_port)
-    asyncio.run(declare_topics(settings))
+    # Wrong TLS or SASL settings end the process here, in one line, rather than in Faust's retries.
+    asyncio.run(verify_connection(settings))
+    asyncio.run(declare_topics(settings, used_by="worker"))
     worker = FerryWorker(settings)
     # Logging is configured above (app/logs.py), for this process as for the API.
     process = faust.Worker(worker.app, loglevel=settings.log_level, override_logging=False)

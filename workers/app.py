@@ -46,14 +46,11 @@ Why a job can't be lost or stuck
   ``worker_shutdown_grace_seconds`` (their outcomes written to the changelog), then leaves;
   what did not finish is resumed (step 5).
 
-- A rebalance does not repeat calls: a call keeps running where it started, and that worker
-  announces it to the partition's next owner before rejoining the group
-  (``_announce_running``); the owner leaves announced jobs alone until their outcome arrives or
-  a rebalance passes without the announcement (the worker died).
-
-What can still happen twice: a provider call in flight when its worker dies is made again by
-the next owner, and so is one whose announcement Kafka did not take in time. Every such
-restart is counted (``possible_duplicate_calls`` on ``/health``), and the job's ``attempts``
+What can happen twice: a provider call in flight when its worker dies is made again by the
+next owner; so is one in flight when a rebalance moves its partition (a worker joins or leaves)
+and the call outlasts the new owner's first maintenance tick, since the new owner cannot tell a
+call still running elsewhere from one whose worker died. Every such restart is counted
+(``possible_duplicate_calls`` on ``/health`` and in ``/metrics``), and the job's ``attempts``
 says how many workers started it.
 """
 
@@ -71,11 +68,12 @@ from pydantic import ValidationError
 from faust.types import TP
 
 from app.faust_app import create_app
-from app.jobs import JobEvent, JobRequest, JobState, JobStatus, Outcome, RequestLocation, utcnow
+from app.jobs import JobEvent, JobRequest, JobState, JobStatus, Outcome, RequestLocation, RequestType, utcnow
+from app.metrics import WorkerMetrics, WorkerSnapshot
 from app.settings import Settings
 from app.topics import (
-    JOBS_TABLE, changelog_topic_config, dead_letter_topic, job_events_topic, partition_for, request_topic_config,
-    request_topics,
+    JOBS_TABLE, changelog_topic_config, dead_letter_topic, dead_letter_topic_config, events_topic_config,
+    job_events_topic, partition_for, request_topic, request_topic_config, request_topics,
 )
 from workers.acks import OrderedAcks
 from workers.caller import ProviderCaller, service_error
@@ -131,12 +129,14 @@ class FerryWorker:
         self.requests = app.topic(*request_topics(settings), key_serializer="raw", value_serializer="raw",
                                   partitions=partitions, config=request_topic_config(settings))
         self.events = app.topic(job_events_topic(settings), key_serializer="raw", value_serializer="raw",
-                                partitions=partitions, config=request_topic_config(settings))
+                                partitions=partitions, config=events_topic_config(settings))
         self.dead_letters = app.topic(dead_letter_topic(settings), key_serializer="raw", value_serializer="raw",
-                                      partitions=partitions, config=request_topic_config(settings))
-        self.caller = ProviderCaller(settings, transport)
+                                      partitions=partitions, config=dead_letter_topic_config(settings))
+        self.metrics = WorkerMetrics(settings.provider_endpoints)
+        self.metrics.watch(self._metrics_snapshot)
+        self.caller = ProviderCaller(settings, transport, metrics=self.metrics)
         self.fetcher = RequestFetcher(settings)
-        self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight)
+        self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight, metrics=self.metrics)
         self.acks = OrderedAcks()
         self._next_offset: dict[TP, int] = {}  # per request partition: the next offset to take
         # Per request partition: offsets below this were taken by a catch-up, their writes
@@ -158,10 +158,11 @@ class FerryWorker:
         # The state each call in flight was started with: its outcome can be written without
         # the table (see record).
         self._running: dict[str, JobState] = {}
-        # Jobs of this worker's partitions whose call another worker still runs: a rebalance
-        # moved the partition during the call, and that worker said so (see _announce_running).
-        # Not resumed until their outcome comes, or a rebalance passes without the announcement.
-        self._running_elsewhere: set[str] = set()
+        # Set once _on_assigned has noted where the assignment's partitions start and which
+        # job-events backlogs are still to be applied. Faust starts the table's recovery before it
+        # calls _on_assigned, so recovery (and the maintenance timer after it) can finish first:
+        # until this is set, no job is resumed (its outcome may be in that backlog).
+        self._assignment_noted = asyncio.Event()
         self.duplicate_outcomes = 0  # outcomes that arrived for a job already terminal
         self.possible_duplicate_calls = 0  # starts of a job that an earlier worker had started
         self.poisoned_jobs = 0
@@ -178,6 +179,7 @@ class FerryWorker:
         app.on_before_shutdown.connect(self._on_shutdown)
         app.page("/health")(self._health)
         app.page("/health/ready")(self._ready)
+        app.page("/metrics")(self._metrics_page)
         app.service(self._resources_service())
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -203,6 +205,40 @@ class FerryWorker:
     def counters(self) -> dict[str, int]:
         return {"in_flight": len(self.runner.in_flight), "duplicate_outcomes": self.duplicate_outcomes,
                 "possible_duplicate_calls": self.possible_duplicate_calls, "poisoned_jobs": self.poisoned_jobs}
+
+    def _metrics_snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(jobs_in_flight=len(self.runner.in_flight),
+                              possible_duplicate_calls=self.possible_duplicate_calls,
+                              duplicate_outcomes=self.duplicate_outcomes, dead_lettered_jobs=self.poisoned_jobs,
+                              consumer_lag=self._consumer_lag())
+
+    def _consumer_lag(self) -> dict[RequestType, int]:
+        """Per request type, the requests of this worker's assigned partitions that it has not
+        taken: each partition's log end (as of the consumer's last fetch) minus the offset the
+        group committed there (Faust's record of it: 0.15.3 keeps it in ``_committed_offset``,
+        read from Kafka at assignment and updated at each commit). Read from memory, so that a
+        scrape costs no Kafka request; a partition not fetched yet counts 0."""
+        types = {request_topic(self.settings, request_type): request_type for request_type in RequestType}
+        lag: dict[RequestType, int] = {}
+        try:
+            consumer = self.app.consumer
+            committed_offsets = consumer._committed_offset
+            end_offsets = self.app.monitor.tp_end_offsets
+            for tp in consumer.assignment():
+                request_type = types.get(tp.topic)
+                if request_type is None:
+                    continue
+                end = end_offsets.get(tp)
+                committed = committed_offsets.get(tp) or 0  # none yet: the group starts at the log's start
+                if end is not None:
+                    lag[request_type] = lag.get(request_type, 0) + max(0, end - committed)
+        except Exception as exc:  # a scrape while the consumer starts or stops: no lag to report
+            log.debug("consumer lag not available: %s", type(exc).__name__)
+        return lag
+
+    async def _metrics_page(self, request):
+        body, content_type = self.metrics.render()
+        return self.app.web.bytes(body, headers={"Content-Type": content_type})
 
     # Faust calls a page's function with the request alone when it is a bound method.
     async def _health(self, request):
@@ -239,10 +275,8 @@ class FerryWorker:
         return not (self.app.should_stop or self.app.rebalancing) and partition in self._owned_partitions()
 
     def _busy_with(self, job_id: str) -> bool:
-        """Whether this worker runs the job, or ran it and its outcome is not applied yet, or
-        another worker runs it (a rebalance moved its partition during the call)."""
-        return (job_id in self.runner.in_flight or job_id in self._outcomes_in_transit
-                or job_id in self._running_elsewhere)
+        """Whether this worker runs the job, or ran it and its outcome is not applied yet."""
+        return job_id in self.runner.in_flight or job_id in self._outcomes_in_transit
 
     async def record(self, event: JobEvent) -> None:
         """Record a call's outcome or retry report (the runner's ``report``).
@@ -568,11 +602,7 @@ class FerryWorker:
         elif event.kind in ("outcome", "retrying"):
             if event.kind == "outcome":
                 self._outcomes_in_transit.discard(event.id)
-                self._running_elsewhere.discard(event.id)
             self._apply_report(event, state)
-        elif event.kind == "running":
-            if state is not None and state.status is JobStatus.processing and event.id not in self.runner.in_flight:
-                self._running_elsewhere.add(event.id)
         elif event.kind == "expire":
             if state is not None and state.is_expired():
                 del self.table[event.id.encode()]
@@ -630,10 +660,7 @@ class FerryWorker:
             log.warning("table writes not acknowledged before the rebalance went on; the next owner "
                         "resumes the jobs whose state it does not see")
         self._processing.clear()  # rebuilt by _index_table once the new assignment recovers
-        # A worker that still runs a call announces it again at every rebalance; one that died
-        # does not, and its jobs are then resumed by their partition's owner.
-        self._running_elsewhere.clear()
-        await self._announce_running()
+        self._assignment_noted.clear()  # no resume until the next assignment is noted
         self.acks.forget(revoked)
         self._next_offset.clear()
         self._taken_below.clear()
@@ -641,29 +668,14 @@ class FerryWorker:
         self._last_progress.clear()
         self._outcomes_in_transit.clear()
 
-    async def _announce_running(self) -> None:
-        """Tell each in-flight job's partition, whoever owns it next, that its call runs here.
-
-        Run while the group rebalances, before this worker rejoins it: the announcements are in
-        the job-events topic before any partition is assigned, so the new owner applies them
-        with the partition's events backlog before it takes or resumes anything, and does not
-        start a second call of a job whose first is still running (a clean join or leave then
-        repeats no call). Bounded: an outage must not hold the rebalance up for long.
-        """
-        running = list(self.runner.in_flight)
-        if not running or self.runner.stopping:
-            return
-        announcements = asyncio.gather(*(self.send_event(JobEvent(id=job_id, kind="running")) for job_id in running))
-        try:
-            async with asyncio.timeout(self.settings.kafka_session_timeout_seconds / 2):
-                await announcements
-        except (KafkaError, TimeoutError) as exc:
-            announcements.cancel()
-            log.warning("could not announce %d calls in flight before the rebalance (%s); their partitions' "
-                        "next owners may start them again", len(running), type(exc).__name__)
-
     async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
         """Note where each request partition starts, to see what the stream skips."""
+        try:
+            await self._note_assignment(assigned)
+        finally:
+            self._assignment_noted.set()
+
+    async def _note_assignment(self, assigned: set[TP]) -> None:
         if self.runner.stopping:
             return  # a stopping worker takes nothing more; its fetcher may already be closed
         names = set(request_topics(self.settings))
@@ -701,12 +713,11 @@ class FerryWorker:
         return None
 
     async def _maintain(self) -> None:
-        if self.app.rebalancing:
+        if self.app.rebalancing or not self._assignment_noted.is_set():
             return
         now = utcnow()
         orders = [JobEvent(id=job_id, kind="expire") for job_id in self._expiries.pop_due(now)]
-        for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit \
-                - self._running_elsewhere:
+        for job_id in self._processing - self.runner.in_flight.keys() - self._outcomes_in_transit:
             if not self._events_ready(partition_for(job_id, self.settings.topic_partitions)).is_set():
                 continue
             state = self.get(job_id)

@@ -47,6 +47,7 @@ import itertools
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
@@ -55,6 +56,7 @@ import httpx
 import orjson
 
 from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType, RetryInfo, Target, utcnow
+from app.metrics import NO_ANSWER_TIMEOUT, NO_ANSWER_UNREACHABLE, NOT_SENT, WorkerMetrics, status_label
 from app.providers import ProviderEndpoint
 from app.settings import Settings
 from workers.limits import ProviderLimits
@@ -136,8 +138,10 @@ CONNECTIONS_PER_POOL = 25
 class ProviderCaller:
     """Owns the process's httpx clients (``http_max_connections`` in all); started and stopped once."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics or WorkerMetrics(settings.provider_endpoints)
         self._transport = transport
         self._clients: list[httpx.AsyncClient] = []
         self._turn = itertools.count()
@@ -193,11 +197,37 @@ class ProviderCaller:
             if delay >= clock.remaining():
                 # No point waiting for a call that could not start before the deadline.
                 return replace(attempt, try_next=True, out_of_time=True)
+            self._metrics.retries.labels(self._metrics.provider(target.provider)).inc()
             if on_retry is not None:
                 await on_retry(RetryInfo(target=str(target), attempt=call, status_code=attempt.outcome.status_code,
                                          next_attempt_at=utcnow() + timedelta(seconds=delay)))
             await asyncio.sleep(delay)
             call += 1
+
+    async def _measured(self, call: Awaitable[httpx.Response], provider: str,
+                        request_type: RequestType) -> httpx.Response:
+        """Await one HTTP call, counting it by provider and status, timing it, and holding it in
+        the calls-in-flight gauge meanwhile."""
+        metrics = self._metrics
+        provider = metrics.provider(provider)
+        in_flight = metrics.calls_in_flight.labels(provider)
+        in_flight.inc()
+        started = time.perf_counter()
+        status = NO_ANSWER_UNREACHABLE
+        try:
+            reply = await call
+            status = status_label(reply.status_code)
+            return reply
+        except (httpx.LocalProtocolError, UnicodeEncodeError):
+            status = NOT_SENT
+            raise
+        except (httpx.TimeoutException, asyncio.CancelledError):
+            status = NO_ANSWER_TIMEOUT  # its own timeout, or the job's deadline (which cancels it)
+            raise
+        finally:
+            in_flight.dec()
+            metrics.calls.labels(provider, status).inc()
+            metrics.call_duration.labels(provider, request_type.value).observe(time.perf_counter() - started)
 
     def _success(self, adapter, response: HttpResponse, target: Target, request: JobRequest) -> Attempt:
         rtype = request.request_type
@@ -254,12 +284,12 @@ class ProviderCaller:
                         bound.reschedule(call_ends)
                     clock.calls += 1
                     sent = True
-                    reply = await client.request(
+                    reply = await self._measured(client.request(
                         http_request.method, http_request.url, headers=http_request.headers,
                         json=http_request.json, data=http_request.data, files=http_request.files,
                         timeout=httpx.Timeout(endpoint.timeout_seconds,
                                               connect=self._settings.http_connect_timeout_seconds),
-                    )
+                    ), target.provider, rtype)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, TimeoutError) and at_deadline:
                 if sent:

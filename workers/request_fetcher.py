@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app.jobs import JobRequest, RequestLocation
+from app.kafka_clients import client_options
 from app.settings import Settings
 
 
@@ -41,7 +42,7 @@ class RequestFetcher:
             if self._consumer is not None:
                 return
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._settings.require_bootstrap_servers(),
+                **client_options(self._settings),
                 client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
                 auto_offset_reset="earliest",  # a deleted offset then reads as the next one: RequestGone
                 # Reads are ranges of a few hundred records: fetch 1 MiB at a time, not the 36 MiB a
@@ -61,7 +62,7 @@ class RequestFetcher:
 
     async def start_offsets(self, group_id: str, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Where ``group_id`` resumes each partition: its committed offset, else the log start."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.require_bootstrap_servers())
+        admin = AIOKafkaAdminClient(**client_options(self._settings))
         await admin.start()
         try:
             committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)

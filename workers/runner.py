@@ -21,7 +21,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo
+from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo, utcnow
+from app.metrics import WorkerMetrics
 from workers.caller import ProviderCaller, service_error
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ Report = Callable[[JobEvent], Awaitable[None]]
 
 
 class JobRunner:
-    def __init__(self, caller: ProviderCaller, report: Report, max_in_flight: int) -> None:
+    def __init__(self, caller: ProviderCaller, report: Report, max_in_flight: int,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._caller = caller
+        self._metrics = metrics or WorkerMetrics()
         self._report = report
         self._slots = asyncio.Semaphore(max_in_flight)
         self._stopping = asyncio.Event()
@@ -75,6 +78,8 @@ class JobRunner:
         self.in_flight[request.id] = asyncio.create_task(self._run(request), name=f"job-{request.id}")
 
     async def _run(self, request: JobRequest) -> None:
+        self._metrics.queue_wait.labels(request.request_type.value).observe(
+            max(0.0, (utcnow() - request.created_at).total_seconds()))
         try:
             try:
                 outcome = await self._caller.run(request, on_retry=lambda retry: self._report_retry(request, retry))
@@ -83,10 +88,20 @@ class JobRunner:
                 error = service_error(500, "internal error while calling the provider", "internal_error",
                                       None, request.request_type)
                 outcome = Outcome(status_code=500, error=error)
+            self._count(request, outcome)
             await self._deliver(JobEvent(id=request.id, kind="outcome", outcome=outcome))
         finally:
             self.in_flight.pop(request.id, None)
             self._slots.release()
+
+    def _count(self, request: JobRequest, outcome: Outcome) -> None:
+        """Count the job's outcome under the provider that answered last, and time it from its submit."""
+        metrics, request_type = self._metrics, request.request_type.value
+        extra = outcome.error.extra_fields if outcome.error is not None else (outcome.result or {}).get("extra_fields")
+        provider = metrics.provider(extra.get("provider") if isinstance(extra, dict) else None)
+        (metrics.jobs_completed if outcome.error is None else metrics.jobs_failed).labels(request_type, provider).inc()
+        metrics.job_duration.labels(request_type, "completed" if outcome.error is None else "failed").observe(
+            max(0.0, (utcnow() - request.created_at).total_seconds()))
 
     async def _report_retry(self, request: JobRequest, retry: RetryInfo) -> None:
         # Informational: a report that Kafka cannot take at once is dropped, the retry goes on.

@@ -92,6 +92,16 @@ class LocalKafka:
     heap: str = "1g"
     # Shared by every home on the machine, so a second broker (tests start one) downloads nothing.
     jar_cache: Path = DEFAULT_HOME / "libs"
+    # An optional second client listener, SASL over TLS (the secured clients' test): its port, a
+    # PEM file with the server's private key (PKCS#8, unencrypted) and certificate chain, a PEM
+    # file of CAs whose client certificates it requires (mutual TLS; None: none asked for), the
+    # mechanisms it enables, and the users (name: password) given SCRAM credentials at format
+    # time. Inter-broker and controller traffic stay PLAINTEXT on loopback.
+    sasl_ssl_port: int | None = None
+    ssl_keystore_pem: Path | None = None
+    ssl_client_truststore_pem: Path | None = None
+    sasl_mechanisms: tuple[str, ...] = ("SCRAM-SHA-512",)
+    sasl_users: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
@@ -175,7 +185,7 @@ class LocalKafka:
             return None
         for line in lines:
             if line.startswith("advertised.listeners=PLAINTEXT://"):
-                return int(line.rsplit(":", 1)[1])
+                return int(line.split(",")[0].rsplit(":", 1)[1])
         return None
 
     def _write_properties(self) -> None:
@@ -207,8 +217,39 @@ class LocalKafka:
             "log.cleaner.backoff.ms": "1000",
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
+        if self.sasl_ssl_port is not None:
+            settings.update(self._sasl_ssl_properties(settings))
         text = "".join(f"{key}={value}\n" for key, value in settings.items())
         self.properties_file.write_text(text)
+
+    def _sasl_ssl_properties(self, base: dict[str, str]) -> dict[str, str]:
+        """The SASL_SSL listener's properties, added to ``base``'s listeners."""
+        if self.ssl_keystore_pem is None:
+            raise BrokerError("a SASL_SSL listener needs ssl_keystore_pem (the server's key and certificate)")
+        address = f"SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
+        prefix = "listener.name.sasl_ssl."
+        properties = {
+            "listeners": f"{base['listeners']},{address}",
+            "advertised.listeners": f"{base['advertised.listeners']},{address}",
+            "listener.security.protocol.map": f"{base['listener.security.protocol.map']},SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": ",".join(self.sasl_mechanisms),
+            f"{prefix}ssl.keystore.type": "PEM",
+            f"{prefix}ssl.keystore.location": str(self.ssl_keystore_pem),
+            f"{prefix}ssl.client.auth": "required" if self.ssl_client_truststore_pem else "none",
+        }
+        if self.ssl_client_truststore_pem is not None:
+            properties[f"{prefix}ssl.truststore.type"] = "PEM"
+            properties[f"{prefix}ssl.truststore.location"] = str(self.ssl_client_truststore_pem)
+        for mechanism in self.sasl_mechanisms:
+            if mechanism.startswith("SCRAM-"):
+                module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            elif mechanism == "PLAIN":
+                users = " ".join(f'user_{name}="{password}"' for name, password in (self.sasl_users or {}).items())
+                module = f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            else:
+                raise BrokerError(f"the local broker does not set up SASL mechanism {mechanism}")
+            properties[f"{prefix}{mechanism.lower()}.sasl.jaas.config"] = module
+        return properties
 
     def _format_storage(self) -> None:
         if (self.data_dir / "meta.properties").exists():
@@ -221,6 +262,11 @@ class LocalKafka:
             "kafka.tools.StorageTool", "format",
             "-t", _kafka_uuid(), "-c", str(self.properties_file),
         ]
+        # SCRAM credentials live in the KRaft metadata: the storage tool writes them at format time.
+        if self.sasl_ssl_port is not None:
+            for mechanism in (m for m in self.sasl_mechanisms if m.startswith("SCRAM-")):
+                for name, password in (self.sasl_users or {}).items():
+                    cmd += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}{result.stderr}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.request_models import REQUEST_MODELS
@@ -255,3 +256,15 @@ def test_the_depth_limit_is_the_job_records_own() -> None:
     too_deep = job_for(orjson.loads(nested_body(MAX_BODY_DEPTH + 1)))
     with pytest.raises(ValueError):
         JobRequest.from_bytes(too_deep.to_bytes())
+
+
+def test_a_token_id_written_with_a_fraction_is_still_a_whole_number() -> None:
+    """JSON has one number type (1 and 1.0 are the same value; JSON Schema calls both integers),
+    so the fuzzer's 1.0 for a token id is accepted; 1.5 is not a token id."""
+    completion = REQUEST_MODELS[RequestType.text_completion]
+    assert completion.model_validate({"model": "openai/x", "prompt": [1.0, 2]}).prompt == [1, 2]
+    assert REQUEST_MODELS[RequestType.embedding].model_validate({"input": [[1.0], [2]]}).input == [[1], [2]]
+    with pytest.raises(ValidationError):
+        completion.model_validate({"model": "openai/x", "prompt": [1.5]})
+    with pytest.raises(ValidationError):
+        completion.model_validate({"model": "openai/x", "prompt": [True]})

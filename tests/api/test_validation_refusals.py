@@ -288,6 +288,9 @@ MODEL = field(b"model", b"openai/whisper-1")
 FORM_FAILURE = "failed to parse multipart form: "
 # (id, request type, Content-Type, body, expected message or prefix)
 HOSTILE_FORMS = [
+    ("part-name-control-character", R.transcription, MULTIPART,
+     multipart(MODEL, ([b'Content-Disposition: form-data; name="a\x07b"'], b"v"), upload()),
+     "failed to parse multipart form: malformed part header"),
     ("filename-not-utf8", R.transcription, MULTIPART, multipart(MODEL, upload(filename=b'filename="caf\xe9.wav"')),
      "failed to parse multipart form: the filename of part file is not valid UTF-8"),
     ("filename-star-lone-surrogate", R.transcription, MULTIPART,
