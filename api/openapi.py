@@ -48,8 +48,9 @@ EMPTY_VALUES = [None, "", [], {}]
 # refuses (and an extra field carries as a float).
 JSON_INTEGER_RANGE = {"minimum": -(2**63), "maximum": 2**64 - 1}
 
-# A form part's name is a header parameter: a control character (but tab) makes the part unreadable.
-PART_NAME = {"pattern": r"^[^\x00-\x08\x0a-\x1f\x7f]*$"}
+# A form part's name is a header parameter: a control character (but tab) makes the part
+# unreadable, and so do two semicolons in it (aiohttp 3.14's Content-Disposition parser).
+PART_NAME = {"pattern": r"^[^\x00-\x08\x0a-\x1f\x7f;]*$"}
 
 # -- the shapes the handlers write as dicts ------------------------------------------------------
 

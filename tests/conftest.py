@@ -193,3 +193,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Cases schemathesis generates per API operation and phase in tests/fuzz (default 50, about "
              "a minute; 1000 or more to fuzz longer).",
     )
+    parser.addoption(
+        "--fuzz-seed", type=int, default=20261202, metavar="N",
+        help="Seed of tests/fuzz's case generation: fixed, so that a run is repeatable; another seed "
+             "explores other cases.",
+    )

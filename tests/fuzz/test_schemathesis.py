@@ -136,7 +136,12 @@ def fuzz_examples(request: pytest.FixtureRequest) -> int:
     return request.config.getoption("--fuzz-examples")
 
 
-async def run_schemathesis(url: str, examples: int, workdir: Path) -> tuple[int, str, dict]:
+@pytest.fixture
+def fuzz_seed(request: pytest.FixtureRequest) -> int:
+    return request.config.getoption("--fuzz-seed")
+
+
+async def run_schemathesis(url: str, examples: int, workdir: Path, seed: int) -> tuple[int, str, dict]:
     """schemathesis run against ``url``: its exit code, its output and its JSON report."""
     config = workdir / "schemathesis.toml"
     # Stateful scenarios follow the document's links only: inferred ones (each submit to every
@@ -146,7 +151,7 @@ async def run_schemathesis(url: str, examples: int, workdir: Path) -> tuple[int,
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", url,
         "--checks", "all", "--exclude-checks", "negative_data_rejection",
-        "--max-examples", str(examples), "--workers", "1", "--request-timeout", "30",
+        "--max-examples", str(examples), "--seed", str(seed), "--workers", "1", "--request-timeout", "30",
         "--generation-database", "none", "--report", "json", "--report-json-path", str(report), "--no-color",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         cwd=REPOSITORY,  # the hooks (this module) import the project's packages
@@ -160,8 +165,10 @@ async def run_schemathesis(url: str, examples: int, workdir: Path) -> tuple[int,
     return process.returncode, output.decode(errors="replace"), json.loads(report.read_text())
 
 
-async def test_the_api_does_what_its_document_says(api, worker, tmp_path: Path, fuzz_examples: int) -> None:
-    returncode, output, report = await run_schemathesis(str(api.make_url(OPENAPI_PATH)), fuzz_examples, tmp_path)
+async def test_the_api_does_what_its_document_says(api, worker, tmp_path: Path, fuzz_examples: int,
+                                                   fuzz_seed: int) -> None:
+    returncode, output, report = await run_schemathesis(str(api.make_url(OPENAPI_PATH)), fuzz_examples, tmp_path,
+                                                        fuzz_seed)
 
     assert returncode == 0, f"schemathesis found failures:\n{output}"
     document = await (await api.get(OPENAPI_PATH)).json()
