@@ -68,6 +68,10 @@ def not_found(message: str = "job not found or expired") -> ApiError:
     return ApiError(404, message, error_type="not_found_error")
 
 
+# Names the job of a submit whose fate Kafka did not confirm in time.
+JOB_ID_HEADER = "x-bf-async-job-id"
+
+
 def unavailable(message: str, retry_after_seconds: int, job_id: str | None = None) -> ApiError:
     """503 with ``Retry-After``; ``job_id`` names a job that may exist after all (see
     api/publisher.py), in the ``x-bf-async-job-id`` header."""
@@ -76,9 +80,6 @@ def unavailable(message: str, retry_after_seconds: int, job_id: str | None = Non
         headers[JOB_ID_HEADER] = job_id
     return ApiError(503, message, error_type="service_unavailable", headers=headers)
 
-
-# Names the job of a submit whose fate Kafka did not confirm in time.
-JOB_ID_HEADER = "x-bf-async-job-id"
 
 
 def headers_timeout(seconds: float) -> ApiError:
