@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench kafka-start kafka-stop kafka-status clean
+.PHONY: install run lint test bench kafka-start kafka-stop kafka-status clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Ferry needs Python 3.11+"'
@@ -18,8 +18,13 @@ install: $(STAMP)
 run: install
 	$(PY) -m deploy.run_local
 
+# Style, likely bugs and types (configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 # Fetching the jars before pytest keeps the suite's timeouts about tests, not downloads.
-test: install
+test: install lint
 	$(PY) -m deploy.kafka fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -32,9 +32,12 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.log import access_logger
 from aiohttp.streams import StreamReader
+from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from api.errors import ApiError, body_timeout, headers_timeout, malformed_request, over_connection_limit
@@ -103,18 +106,19 @@ def handler_args(settings: Settings) -> dict[str, Any]:
     }
 
 
-def body_deadline(timeout: float, min_rate: int):
+def body_deadline(timeout: float, min_rate: int) -> Middleware:
     """Middleware: cut off a request whose body arrives slower than ``timeout`` seconds plus one
     second per ``min_rate`` bytes received (counted from when the handler starts)."""
 
     @web.middleware
-    async def deadline_middleware(request: web.Request, handler) -> web.StreamResponse:
+    async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         body = request.content
         if body.is_eof():  # no body, or all of it already in
             return await handler(request)
         loop = asyncio.get_running_loop()
         started = loop.time()
         cut_off = asyncio.timeout(None)
+        check: asyncio.TimerHandle  # the next look at the body's rate; check_rate moves it on
 
         def check_rate() -> None:
             nonlocal check
@@ -302,7 +306,8 @@ class GuardedServer(web.Server):
         self._last_warning = float("-inf")
         make_request = self.request_factory
 
-        def make_request_noting_start(message, payload, protocol, writer, task):
+        def make_request_noting_start(message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
+                                      writer: AbstractStreamWriter, task: asyncio.Task[None]) -> web.BaseRequest:
             if isinstance(protocol, GuardedRequestHandler):
                 protocol.request_started(payload)
             return make_request(message, payload, protocol, writer, task)

@@ -8,9 +8,18 @@ import re
 from http import HTTPStatus
 
 from aiohttp import web
-from aiohttp.http_exceptions import (BadHttpMethod, BadStatusLine, ContentEncodingError, ContentLengthError,
-                                     HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong,
-                                     TransferEncodingError)
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from app.jobs import ErrorDetail, ErrorObject
@@ -142,7 +151,7 @@ def _parser_error_message(exc: BaseException | None) -> str:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every non-2xx answer in the contract's shape, including aiohttp's own 404/405/413."""
     try:
         return await handler(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from api.errors import JOB_ID_HEADER
 from api.openapi import OPENAPI_PATH
@@ -31,7 +32,7 @@ def _operation(request: web.Request) -> tuple[str, RequestType | None]:
 
 
 @web.middleware
-async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts each answer by operation and status, and each submit as accepted or refused.
 
     Outermost: error_middleware inside it has already made every error an answer."""

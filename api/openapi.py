@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 from uuid import UUID
 
 from aiohttp import web
 from pydantic import ConfigDict, TypeAdapter, with_config
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from api.errors import JOB_ID_HEADER
 from api.request_models import REQUEST_MODELS
@@ -42,7 +42,7 @@ WEBHOOK_HEADER = "x-bf-async-webhook"
 KEY_HEADERS = ("x-bf-vk", "x-api-key", "x-goog-api-key")
 
 # What _is_empty in api.validation counts as a missing field.
-EMPTY_VALUES = [None, "", [], {}]
+EMPTY_VALUES: list[Any] = [None, "", [], {}]
 
 # The JSON integers a body can hold: orjson reads a larger one as a float, which an integer field
 # refuses (and an extra field carries as a float).
@@ -147,7 +147,8 @@ def bound_integers(schema: Any) -> Any:
 
 def request_schema(model: type) -> dict[str, Any]:
     """A request model's schema as the document has it: integers bounded as the parser reads them."""
-    return bound_integers(type_schema(model, "validation"))
+    schema: dict[str, Any] = bound_integers(type_schema(model, "validation"))
+    return schema
 
 
 def _add_component(schemas: dict[str, Any], name: str, schema: dict[str, Any]) -> None:

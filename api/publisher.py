@@ -33,13 +33,22 @@ import logging
 import math
 import random
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (InvalidProducerEpoch, KafkaError, OutOfOrderSequenceNumber, ProducerClosed,
-                             ProducerFenced, UnknownProducerId)
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from app.jobs import JobRequest, JobState
 from app.kafka_clients import client_options
+from app.retry import Backoff
 from app.settings import Settings
 from app.topics import changelog_topic, max_message_bytes, partition_for, request_topic, request_topics
 
@@ -52,6 +61,9 @@ FATAL_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, ProducerFenced, InvalidProduc
 PROBE_CACHE_SECONDS = 1.0
 # How long stopping waits for clean-up writes (tombstones of refused submits) still under way.
 STOP_GRACE_SECONDS = 5.0
+# Waits between connection attempts and between tombstone resends, in seconds.
+RETRY_FIRST_SECONDS = 0.2
+RETRY_CAP_SECONDS = 5.0
 
 
 class PublishRefused(Exception):
@@ -80,9 +92,9 @@ class JobPublisher:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
-        self._connect_task: asyncio.Task | None = None
+        self._connect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._failing_since: float | None = None  # first failure since the last success
         self._probe: tuple[float, bool] = (0.0, False)  # (when, result) of the last readiness probe
@@ -110,16 +122,16 @@ class JobPublisher:
         self._connect_task = asyncio.create_task(self._connect(), name="kafka-producer-connect")
 
     async def _connect(self) -> None:
-        delay = 0.2
+        backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_CAP_SECONDS)
         while True:
             producer = self._new_producer()
             try:
                 await producer.start()
             except KafkaError as exc:
+                delay = backoff.next_delay()
                 log.warning("Kafka producer cannot connect yet (%s); retrying in %.1f s", type(exc).__name__, delay)
                 await producer.stop()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
                 continue
             self._producer = producer
             self._connected.set()
@@ -234,17 +246,19 @@ class JobPublisher:
         self._note_success()
 
     async def _hand_over(self, producer: AIOKafkaProducer, topic: str, value: bytes | None, key: bytes,
-                         partition: int, deadline: float) -> asyncio.Future | None:
+                         partition: int, deadline: float) -> asyncio.Future[Any] | None:
         """Give a record to the producer; its acknowledgement future, or None if the producer did
         not take it before ``deadline`` (then it is never sent)."""
         try:
             async with asyncio.timeout_at(deadline):
-                return await producer.send(topic, value, key=key, partition=partition)
+                ack: asyncio.Future[Any] = await producer.send(topic, value, key=key, partition=partition)
+                return ack
         except (TimeoutError, KafkaError) as exc:
             self._note_failure(producer, exc)
             return None
 
-    async def _acknowledged(self, producer: AIOKafkaProducer, ack: asyncio.Future, deadline: float) -> bool | None:
+    async def _acknowledged(self, producer: AIOKafkaProducer, ack: asyncio.Future[Any],
+                            deadline: float) -> bool | None:
         """True once Kafka acknowledged the record; None if Kafka refused it; False if
         ``deadline`` came first (the record may still be written)."""
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -257,7 +271,7 @@ class JobPublisher:
             return None
         return True
 
-    async def _settle(self, request_ack: asyncio.Future, job_id: str, partition: int) -> None:
+    async def _settle(self, request_ack: asyncio.Future[Any], job_id: str, partition: int) -> None:
         """After an uncertain answer: if Kafka refuses the request after all, delete the job."""
         try:
             await asyncio.shield(request_ack)
@@ -266,7 +280,7 @@ class JobPublisher:
 
     async def _forget(self, job_id: str, partition: int) -> None:
         """Tombstone a refused job's pending record, trying until Kafka takes it (or stop)."""
-        delay = 0.2
+        backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_CAP_SECONDS)
         while not self._stopping:
             await self._connected.wait()
             producer = self._producer
@@ -278,11 +292,10 @@ class JobPublisher:
                 return
             except KafkaError as exc:
                 self._note_failure(producer, exc)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                await backoff.wait()
         log.warning("stopping before the pending record of refused job %s was deleted", job_id)
 
-    def _in_background(self, work) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 
 from app.jobs import JobState, JobStatus
 from app.kafka_clients import client_options
+from app.retry import Backoff
 from app.settings import Settings
 from app.topics import changelog_topic, partition_for
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 PROBE_CACHE_SECONDS = 1.0
 # How long a readiness probe waits for Kafka to answer an end-offsets request.
 PROBE_TIMEOUT_SECONDS = 1.0
+# Waits between connection attempts, in seconds.
+RETRY_FIRST_SECONDS = 0.2
+RETRY_CAP_SECONDS = 5.0
 
 
 class ViewUnavailable(Exception):
@@ -51,11 +55,11 @@ class JobReadModel:
         self._topic = changelog_topic(settings)
         self._states: dict[str, tuple[int, bytes]] = {}
         self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._partitions: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
         self._progress = asyncio.Event()
-        self._initial_end: dict[TopicPartition, int] | None = None
+        self._initial_end: dict[TopicPartition, int] = {}  # the end offsets when the consumer started
         self.caught_up = False
         self._probe: tuple[float, bool] = (0.0, False)  # (when, result) of the last readiness probe
 
@@ -78,12 +82,13 @@ class JobReadModel:
                 # aiokafka's fetcher re-raises the cancellation of its own pending fetches (and
                 # their errors) from stop() when the broker was away; the consumer is closed all
                 # the same. A cancellation of this task itself still propagates.
-                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                current = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and current is not None and current.cancelling():
                     raise
                 log.info("the read model's consumer stopped with %s", type(exc).__name__)
 
     async def _connect(self) -> AIOKafkaConsumer:
-        delay = 0.2
+        backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_CAP_SECONDS)
         while True:
             consumer = AIOKafkaConsumer(
                 **client_options(self._settings),
@@ -103,16 +108,16 @@ class JobReadModel:
                 self._initial_end = await consumer.end_offsets(self._partitions)
                 return consumer
             except KafkaError as exc:
+                delay = backoff.next_delay()
                 log.warning("read model cannot reach Kafka yet (%s); retrying in %.1f s", exc, delay)
                 await consumer.stop()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _run(self) -> None:
         self._consumer = consumer = await self._connect()
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
-            for tp, records in batches.items():
+            for records in batches.values():
                 for record in records:
                     self._apply(record.key.decode(), record.value)
             for tp in self._partitions:

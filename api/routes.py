@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from api.errors import ApiError, bad_request, not_found, too_large, unavailable
+from api.errors import bad_request, not_found, too_large, unavailable
 from api.keys import service_key
 from api.publisher import JobNotStorable, JobPublisher, PublishRefused, PublishUncertain
 from api.read_model import JobReadModel, ViewUnavailable
-from api.validation import (FORM_RULES, JSON_RULES, TTL_HEADER, Submission, check_no_webhook, read_form,
-                            result_ttl_seconds, validate_form_submit, validate_json_submit)
+from api.validation import (
+    FORM_RULES,
+    JSON_RULES,
+    TTL_HEADER,
+    Submission,
+    check_no_webhook,
+    read_form,
+    result_ttl_seconds,
+    validate_form_submit,
+    validate_json_submit,
+)
 from app.jobs import JobRequest, JobState, RequestType, key_fingerprint, rfc3339, utcnow
 from app.settings import Settings
 
@@ -38,7 +48,7 @@ PATHS: dict[RequestType, str] = {
 }
 
 
-def submit_handler(request_type: RequestType):
+def submit_handler(request_type: RequestType) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def submit(request: web.Request) -> web.Response:
         settings = request.app[SETTINGS]
         check_no_webhook(request.headers.get("x-bf-async-webhook"))
@@ -93,7 +103,7 @@ async def _read_submission(request: web.Request, request_type: RequestType, sett
     return validate_json_submit(raw, request_type, settings.provider_endpoints, settings.max_fallbacks)
 
 
-def poll_handler(request_type: RequestType):
+def poll_handler(request_type: RequestType) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def poll(request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -35,7 +36,7 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if kafka and table else 503)
 
 
-async def _lifecycle(api: web.Application):
+async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
     settings = api[SETTINGS]
     await declare_topics(settings, used_by="api")
     await api[PUBLISHER].start()

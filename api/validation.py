@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from aiohttp import BodyPartReader
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import BodyPartReader, web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
 from api.errors import ApiError, bad_request, too_large
@@ -56,7 +56,7 @@ class JsonRules:
     required: tuple[tuple[str, str], ...]  # (field, message when missing or empty)
     stream_field: str | None = None
     stream_value: Any = True
-    stream_message: str | None = None
+    stream_message: str = ""  # the refusal when stream_field holds stream_value
 
 
 JSON_RULES: dict[RequestType, JsonRules] = {
@@ -200,7 +200,7 @@ def validate_json_submit(raw: bytes, request_type: RequestType, endpoints: dict[
                          max_fallbacks: int = DEFAULT_MAX_FALLBACKS) -> Submission:
     body = parse_json_object(raw)
     typed = check_types(body, request_type)
-    if _is_empty(typed.model):
+    if typed.model is None or _is_empty(typed.model):
         raise bad_request("model is required")
     rules = JSON_RULES[request_type]
     for field, message in rules.required:
@@ -245,7 +245,7 @@ def _add_field(fields: dict[str, str | list[str]], name: str, value: str) -> Non
         fields[name] = [previous, value]
 
 
-async def _read_urlencoded(request) -> dict[str, str | list[str]]:
+async def _read_urlencoded(request: web.BaseRequest) -> dict[str, str | list[str]]:
     # aiohttp's request.post() answers 500 for an unknown charset or bytes that are not in it.
     charset = request.charset or "utf-8"
     raw = await request.read()
@@ -265,7 +265,7 @@ async def _read_urlencoded(request) -> dict[str, str | list[str]]:
     return fields
 
 
-async def read_form(request, request_type: RequestType, max_bytes: int) -> Form:
+async def read_form(request: web.BaseRequest, request_type: RequestType, max_bytes: int) -> Form:
     """The multipart form of ``request``, its files kept whole; 400 if it is not a valid form."""
     rules = FORM_RULES[request_type]
     fields: dict[str, str | list[str]] = {}

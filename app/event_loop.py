@@ -1,8 +1,8 @@
 """The event loop Ferry's processes run on: uvloop (libuv), set before anything makes a loop.
 
-Measured on the worker, whose loop is busy with thousands of sockets: a 20,000-job backlog
-drained at 395 jobs/s on uvloop and 367 jobs/s on asyncio's default loop, worker as shipped
-(docs/benchmarks.md).
+libuv's loop spends less CPU per socket event than asyncio's default loop, which tells on the
+worker, whose loop is busy with thousands of sockets (the drain rates on each loop are in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations

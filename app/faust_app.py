@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import faust
 from faust.web import drivers as web_drivers
@@ -37,7 +38,7 @@ def broker_urls(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
 
 
-def create_app(settings: Settings, **overrides) -> faust.App:
+def create_app(settings: Settings, **overrides: Any) -> faust.App:
     """A Faust app for ``settings``; ``overrides`` are passed to ``faust.App`` (tests use it)."""
     os.makedirs(settings.worker_data_dir, exist_ok=True)  # Faust creates only the last level
     options = dict(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,12 +55,12 @@ _RANKS = {JobStatus.pending: 0, JobStatus.processing: 1, JobStatus.completed: 2,
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rfc3339(moment: datetime) -> str:
     """UTC, millisecond precision, ``Z`` suffix: ``2026-02-19T08:10:17.831Z``."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def key_fingerprint(key: str) -> str:
@@ -75,7 +75,7 @@ class _Record(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes):
+    def from_bytes(cls, raw: bytes) -> Self:
         return cls.model_validate_json(raw)
 
 
@@ -117,7 +117,7 @@ class Target(BaseModel):
     model: str
 
     @classmethod
-    def parse(cls, name: str) -> "Target":
+    def parse(cls, name: str) -> Target:
         """Split on the first slash only: ``openrouter/meta-llama/llama-3``."""
         provider, _, model = name.partition("/")
         return cls(provider=provider, model=model)
@@ -191,21 +191,21 @@ class JobState(_Record):
     retry: RetryInfo | None = None  # set while a processing job waits to retry a provider call
 
     @classmethod
-    def pending(cls, request: JobRequest) -> "JobState":
+    def pending(cls, request: JobRequest) -> JobState:
         return cls(
             id=request.id, request_type=request.request_type, status=JobStatus.pending,
             created_at=request.created_at, ttl_seconds=request.ttl_seconds, owner=request.owner,
         )
 
-    def processing(self, location: RequestLocation) -> "JobState":
+    def processing(self, location: RequestLocation) -> JobState:
         return self.model_copy(update={
             "status": JobStatus.processing, "attempts": self.attempts + 1, "request": location, "retry": None,
         })
 
-    def retrying(self, retry: RetryInfo) -> "JobState":
+    def retrying(self, retry: RetryInfo) -> JobState:
         return self.model_copy(update={"retry": retry})
 
-    def finished(self, outcome: "Outcome", at: datetime | None = None) -> "JobState":
+    def finished(self, outcome: Outcome, at: datetime | None = None) -> JobState:
         at = at or utcnow()
         status = JobStatus.completed if outcome.error is None else JobStatus.failed
         return self.model_copy(update={
@@ -221,13 +221,19 @@ class JobState(_Record):
         body: dict[str, Any] = {"id": self.id, "status": self.status.value, "created_at": rfc3339(self.created_at)}
         if self.retry is not None and self.status is JobStatus.processing:
             # Beyond the contract: a processing job says that it is retrying, and when.
-            body["retry"] = self.retry.model_dump(mode="json") | {"next_attempt_at": rfc3339(self.retry.next_attempt_at)}
+            when = rfc3339(self.retry.next_attempt_at)
+            body["retry"] = self.retry.model_dump(mode="json") | {"next_attempt_at": when}
         if self.status.is_terminal:
+            # finished() sets both times, and the error of a failed job; a state without them is corrupt.
+            if self.completed_at is None or self.expires_at is None:
+                raise ValueError(f"job {self.id} is {self.status.value} but has no completed_at or expires_at")
             body["completed_at"] = rfc3339(self.completed_at)
             body["expires_at"] = rfc3339(self.expires_at)
             body["status_code"] = self.status_code
             if self.status is JobStatus.completed:
                 body["result"] = self.result
+            elif self.error is None:
+                raise ValueError(f"job {self.id} failed but has no error")
             else:
                 body["error"] = self.error.to_json_dict()
         return body

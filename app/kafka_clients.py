@@ -26,7 +26,11 @@ from typing import Any
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
-    IllegalSaslStateError, KafkaConnectionError, KafkaError, SaslAuthenticationFailed, UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
 )
 
 from app.settings import Settings

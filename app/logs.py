@@ -21,12 +21,16 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Callable
+from datetime import UTC, datetime
+from typing import IO
 
 from aiokafka.errors import (
-    GroupCoordinatorNotAvailableError, IllegalGenerationError, NotLeaderForPartitionError, RebalanceInProgressError,
+    GroupCoordinatorNotAvailableError,
+    IllegalGenerationError,
+    NotLeaderForPartitionError,
+    RebalanceInProgressError,
     UnknownMemberIdError,
 )
 
@@ -38,7 +42,8 @@ EXTRA_FIELDS = ("job_id", "request_type", "provider")
 
 # Ten lines show a repeated failure's variety (different jobs, partitions, errors), and ten
 # seconds keeps a persistent one visible (a summary line every ten seconds) while bounding each
-# message template to about one line a second: the outage's 45 MB in 40 s becomes tens of KB.
+# message template to about one line a second, so an outage cannot fill a disk with one message
+# (the volume before and after is in docs/benchmarks.md).
 REPEAT_LIMIT = 10
 REPEAT_INTERVAL_SECONDS = 10.0
 # Topic creation and leader election take seconds even on a new broker; a condition still
@@ -83,8 +88,7 @@ TRANSIENT_CONDITIONS = (
         "aiokafka.consumer.fetcher", "Failed fetch offsets from %s: %s", logging.INFO,
         errors=(NotLeaderForPartitionError,),
         reason="the API's read model asks for the end offsets of a changelog created a moment "
-        "ago, before its partitions have leaders; aiokafka retries every 100 ms (5-19 lines "
-        "per start on fresh topics)",
+        "ago, before its partitions have leaders; aiokafka retries every 100 ms, a line each time",
     ),
     TransientCondition(
         "aiokafka.consumer.group_coordinator", "Group Coordinator Request failed: %s", logging.INFO,
@@ -107,7 +111,8 @@ class TransientConditionFilter(logging.Filter):
     """Lowers the level of records in ``conditions`` while their condition is young, and drops
     records (demoted ones) below ``min_level``."""
 
-    def __init__(self, conditions=TRANSIENT_CONDITIONS, *, min_level: int = logging.NOTSET,
+    def __init__(self, conditions: Iterable[TransientCondition] = TRANSIENT_CONDITIONS, *,
+                 min_level: int = logging.NOTSET,
                  grace_seconds: float = TRANSIENT_GRACE_SECONDS, reset_seconds: float = TRANSIENT_RESET_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -225,7 +230,7 @@ class JsonLinesFormatter(logging.Formatter):
     the traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.fromtimestamp(record.created, timezone.utc)
+        moment = datetime.fromtimestamp(record.created, UTC)
         entry = {
             "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,

@@ -13,11 +13,11 @@ operation. Never a job id, a model name or a message: their values are unbounded
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.jobs import RequestType
@@ -148,7 +148,7 @@ class _SnapshotCollector(Collector):
     def __init__(self, snapshot: Callable[[], WorkerSnapshot]) -> None:
         self._snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterable[Metric]:
         snap = self._snapshot()
         in_flight = GaugeMetricFamily("ferry_worker_jobs_in_flight",
                                       "Jobs whose provider calls run in this worker now.")

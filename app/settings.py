@@ -9,7 +9,7 @@ start-up and pass it down.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _check_request_retention(self) -> "Settings":
+    def _check_request_retention(self) -> Settings:
         """A request deleted while its job can still run would make a resumed job fail as gone."""
         longest_job = self.job_max_attempts * self.job_deadline_seconds
         if self.request_retention_seconds <= longest_job:
@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _check_kafka_security(self) -> "Settings":
+    def _check_kafka_security(self) -> Settings:
         """Refuses combinations that could only fail at the broker, naming the variables to set."""
         protocol = self.kafka_security_protocol
         sasl_fields = {"kafka_sasl_mechanism": self.kafka_sasl_mechanism,
@@ -280,7 +280,7 @@ class Settings(BaseSettings):
 
     _endpoints: dict[str, ProviderEndpoint] = PrivateAttr(default_factory=dict)
 
-    def model_post_init(self, context) -> None:
+    def model_post_init(self, context: Any) -> None:
         self._endpoints = _resolve_endpoints(self.providers, self.provider_timeout_seconds)
 
     @property

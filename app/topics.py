@@ -35,6 +35,7 @@ from aiokafka.partitioner import murmur2
 
 from app.jobs import RequestType
 from app.kafka_clients import client_options
+from app.retry import Backoff
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def partition_for(job_id: str, partitions: int) -> int:
     The API sends with this partition explicitly, and reads the changelog partition it names,
     so the mapping is written down once rather than left to each client's default.
     """
-    return (murmur2(job_id.encode()) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(job_id.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def max_request_message_bytes(settings: Settings) -> int:
@@ -230,7 +232,7 @@ async def _started_admin(settings: Settings) -> AIOKafkaAdminClient:
     to answer (a pod can start before Kafka does); then the process exits saying so."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CONNECT_TIMEOUT_SECONDS
-    delay = 0.5
+    backoff = Backoff(first=0.5, cap=5.0)
     while True:
         admin = AIOKafkaAdminClient(**client_options(settings))
         try:
@@ -238,11 +240,11 @@ async def _started_admin(settings: Settings) -> AIOKafkaAdminClient:
             return admin
         except KafkaConnectionError as exc:
             await admin.close()
+            delay = backoff.next_delay()
             if loop.time() + delay > deadline:
                 raise TopicsNotReady(f"cannot check Ferry's Kafka topics: no broker answered within "
                                      f"{CONNECT_TIMEOUT_SECONDS:g} s ({exc})") from None
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+            await asyncio.sleep(delay)
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, ExistingTopic]:

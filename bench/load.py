@@ -118,13 +118,15 @@ async def poll(args) -> Recorder:
         ids = json.load(ids_file)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(args.url, connector=connector) as session:
+        polls = 0
+
         async def one(number: int) -> int:
-            one.count += 1
-            async with session.get(f"{CHAT}/{ids[(number * 7919 + one.count) % len(ids)]}") as reply:
+            nonlocal polls
+            polls += 1
+            async with session.get(f"{CHAT}/{ids[(number * 7919 + polls) % len(ids)]}") as reply:
                 await reply.read()
                 return reply.status
 
-        one.count = 0
         return await closed_loop(args.seconds, args.concurrency, one)
 
 

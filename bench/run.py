@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -54,7 +54,7 @@ class Sizes:
     warmup_seconds: float = 3
 
     @classmethod
-    def quick(cls) -> "Sizes":
+    def quick(cls) -> Sizes:
         return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300, warmup_rate=50,
                    warmup_seconds=1)
 
@@ -90,7 +90,7 @@ class Sampler:
                 self.series[name].append((round(now, 2), round(rss, 1), round(cpu, 2)))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -105,6 +105,13 @@ class Sampler:
         span = points[-1][0] - points[0][0]
         return {"rss_mb_first": points[0][1], "rss_mb_last": points[-1][1], "rss_mb_max": max(p[1] for p in points),
                 "cpu_percent": round(100 * (points[-1][2] - points[0][2]) / span, 1) if span else None}
+
+
+def _pid(process: FerryProcess) -> int:
+    """The id of a process the harness has started."""
+    if process.pid is None:
+        raise RuntimeError(f"python -m {process.module} was not started")
+    return process.pid
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -240,7 +247,7 @@ async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
     stack = Stack(settings, workdir)
     try:
         api, url = await stack.api()  # no worker: submits are the API's work alone
-        with Sampler({"api": api.pid}) as sampler:
+        with Sampler({"api": _pid(api)}) as sampler:
             ferry_load = run_load(workdir, "submit", "--url", url, *common)
     finally:
         await stack.close()
@@ -270,7 +277,7 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
         results["warmup"] = latency_summary(warmup, 200) | {"offered_per_second": sizes.warmup_rate}
         for rate in rates or sizes.rates:
             peak = 0
-            with Sampler({"api": api.pid, "worker": worker.pid}) as sampler:
+            with Sampler({"api": _pid(api), "worker": _pid(worker)}) as sampler:
                 load = asyncio.create_task(asyncio.to_thread(
                     run_load, workdir, "e2e", "--url", url, "--rate", str(rate), "--seconds", str(sizes.seconds)))
                 while not load.done():
@@ -293,19 +300,19 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
     try:
         stack.fake_provider(fake_port, 0.0)
         api, url = await stack.api()
-        api_rss_empty = Sampler.read(api.pid)[0]
+        api_rss_empty = Sampler.read(_pid(api))[0]
         ids = await submit_many(url, sizes.backlog_jobs)
         ids_file = workdir / "backlog-ids.json"
         ids_file.write_text(json.dumps(ids))
         began = time.monotonic()
         worker = stack.start("workers")
-        with Sampler({"worker": worker.pid, "api": api.pid}, interval=1.0) as sampler:
+        with Sampler({"worker": _pid(worker), "api": _pid(api)}, interval=1.0) as sampler:
             # The target is flat memory "from the first to the last job": the RSS when the first
             # job is done (the worker is up and working), then when the last one is.
             await wait_all_terminal(url, ids[:1])
-            rss_at_first = Sampler.read(worker.pid)[0]
+            rss_at_first = Sampler.read(_pid(worker))[0]
             await wait_all_terminal(url, ids)
-            rss_at_last = Sampler.read(worker.pid)[0]
+            rss_at_last = Sampler.read(_pid(worker))[0]
         drained_in = time.monotonic() - began
         worker_series = sampler.series["worker"]
         results["backlog"] = {"jobs": len(ids), "seconds_from_worker_start": round(drained_in, 1),
@@ -315,7 +322,7 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
                               "worker_rss_growth_percent": round(100 * (rss_at_last / rss_at_first - 1), 1),
                               "worker": sampler.summary("worker"), "worker_rss_series": worker_series}
         if run_poll:
-            api_rss = Sampler.read(api.pid)[0]
+            api_rss = Sampler.read(_pid(api))[0]
             load = run_load(workdir, "poll", "--url", url, "--ids-file", str(ids_file),
                             "--seconds", str(sizes.seconds), "--concurrency", str(sizes.concurrency))
             results["poll"] = latency_summary(load, 200) | {
@@ -365,7 +372,7 @@ async def wait_all_terminal(url: str, ids: list[str], timeout: float = 1800) -> 
             for start in range(0, len(remaining), 500):
                 batch = remaining[start:start + 500]
                 statuses = await asyncio.gather(*(poll_status(session, job_id) for job_id in batch))
-                still.extend(job_id for job_id, status in zip(batch, statuses) if status == 202)
+                still.extend(job_id for job_id, status in zip(batch, statuses, strict=True) if status == 202)
             remaining = still
 
 
@@ -419,7 +426,7 @@ def machine() -> dict:
 
 async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
     handle = locate(Settings())
-    workdir = out_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    workdir = out_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir.mkdir(parents=True)
     results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)}, "scenarios": {}}
     try:

@@ -31,7 +31,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         if value is None:
             continue  # unset stays unset ("None" would be read as a value)
         env[f"FERRY_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-    env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
+    if settings.kafka_bootstrap_servers is not None:
+        env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
     providers = {
         name: {key: (value.get_secret_value() if isinstance(value, SecretStr) else value)
                for key, value in config if value is not None}
@@ -60,7 +61,7 @@ class FerryProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self) -> "FerryProcess":
+    def start(self) -> FerryProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / f"{self.module}.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", self.module, *self.args], env=self.env, cwd=REPO_ROOT,

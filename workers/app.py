@@ -64,16 +64,24 @@ import faust
 import httpx
 import mode
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 from faust.types import TP
+from pydantic import ValidationError
 
 from app.faust_app import create_app
 from app.jobs import JobEvent, JobRequest, JobState, JobStatus, Outcome, RequestLocation, RequestType, utcnow
 from app.metrics import WorkerMetrics, WorkerSnapshot
 from app.settings import Settings
 from app.topics import (
-    JOBS_TABLE, changelog_topic_config, dead_letter_topic, dead_letter_topic_config, events_topic_config,
-    job_events_topic, partition_for, request_topic, request_topic_config, request_topics,
+    JOBS_TABLE,
+    changelog_topic_config,
+    dead_letter_topic,
+    dead_letter_topic_config,
+    events_topic_config,
+    job_events_topic,
+    partition_for,
+    request_topic,
+    request_topic_config,
+    request_topics,
 )
 from workers.acks import OrderedAcks
 from workers.caller import ProviderCaller, service_error
@@ -648,7 +656,7 @@ class FerryWorker:
         self._expiries.clear()
         self._processing.clear()
         owned = self._owned_partitions()
-        for key, raw in list(self.table.items()):
+        for raw in list(self.table.values()):
             state = JobState.from_bytes(raw)
             if partition_for(state.id, self.settings.topic_partitions) in owned:
                 self._track(state)
@@ -707,7 +715,7 @@ class FerryWorker:
         while not self.runner.stopping:
             try:
                 return await lookup(*args)
-            except (KafkaError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaError) as exc:
                 log.warning("Kafka read failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(1.0)
         return None

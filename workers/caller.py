@@ -48,9 +48,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -111,7 +112,7 @@ class JobClock:
     last_failure: int | None = None  # status of the last failed attempt
 
     @classmethod
-    def start(cls, seconds: float) -> "JobClock":
+    def start(cls, seconds: float) -> JobClock:
         return cls(seconds, asyncio.get_running_loop().time() + seconds)
 
     def remaining(self) -> float:
@@ -130,8 +131,8 @@ OnRetry = Callable[[RetryInfo], Awaitable[None]]
 
 
 # httpcore's pool matches each request against every connection it holds, on every request
-# and every response: with 2,000 calls in flight in one pool, that took over half the worker's
-# CPU. So the process's connections are split over pools of at most this many, used in turn.
+# and every response, so its cost grows with the calls in flight (docs/benchmarks.md has the
+# profile). So the process's connections are split over pools of at most this many, used in turn.
 CONNECTIONS_PER_POOL = 25
 
 
@@ -171,6 +172,7 @@ class ProviderCaller:
             attempt = await self._call_with_retries(target, request, on_retry, clock)
             if attempt.outcome.error is None or not attempt.try_next:
                 return attempt.outcome
+        assert attempt is not None, "a job request names at least one target"
         if attempt.out_of_time:  # the last target's retry would have waited past the deadline
             return clock.exceeded(request.targets[-1], request.request_type).outcome
         return attempt.outcome

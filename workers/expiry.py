@@ -1,9 +1,9 @@
 """When each job of a worker's partitions expires, held compactly so memory stays flat.
 
 The maintenance timer needs the jobs whose ``expires_at`` has passed without scanning the table.
-A heap of ``(datetime, id)`` costs about 200 bytes per job: 20 MB for 100,000 jobs done in
-the last hour. Here jobs are grouped by the second they expire in, each group one bytearray of
-ids: about 40 bytes per job, and a heap of seconds, not of jobs.
+A heap of ``(datetime, id)`` per job costs several times what is needed (figures in
+``docs/benchmarks.md``); here jobs are grouped by the second they expire in, each group one
+bytearray of ids, and the heap holds seconds, not jobs.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo, utcnow
 from app.metrics import WorkerMetrics

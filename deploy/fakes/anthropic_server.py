@@ -10,6 +10,7 @@ offered and the last user text says ``use <tool name>``. Errors are Anthropic's
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class FakeAnthropic(FakeProvider):
     def authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("x-api-key") == self.api_key
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         kind = ERROR_TYPES.get(status, "api_error")
         body = {"type": "error", "error": {"type": kind, "message": message or MESSAGES.get(status, kind)}}
@@ -57,7 +58,7 @@ class FakeAnthropic(FakeProvider):
             return "messages: first message must use the \"user\" role"
         if any(role not in ("user", "assistant") for role in roles):
             return "messages: Unexpected role. The Messages API accepts a top-level `system` parameter"
-        if any(a == b for a, b in zip(roles, roles[1:])):
+        if any(a == b for a, b in itertools.pairwise(roles)):
             return "messages: roles must alternate between \"user\" and \"assistant\""
         return None
 

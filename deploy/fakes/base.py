@@ -9,8 +9,12 @@ Knobs, per server: ``latency`` (seconds before each answer), ``fail_next`` (a li
 ``(status, retry_after)`` to answer in turn; ``retry_after`` in seconds, or a string sent as the
 ``Retry-After`` header as is, such as an HTTP date), ``garbage_next`` (how many of the next
 answers are a 200 with an HTML page instead of the provider's JSON, as a proxy in front of it
-may send), ``on_request`` (a hook called with each recorded request). Bodies of OpenAI-compatible fakes may also carry ``x_fake`` directives (see
-``openai_server``); the others' real APIs refuse unknown fields, so their fakes do too.
+may send), ``on_request`` (a hook called with each recorded request), ``hold_answers()`` /
+``release_answers()`` (calls received meanwhile wait, after their latency, before answering).
+``in_flight`` counts the calls received and not yet answered (a test reads it, for instance to
+know how many calls a worker killed at that moment had under way). Bodies of OpenAI-compatible
+fakes may also carry ``x_fake`` directives (see ``openai_server``); the others' real APIs refuse
+unknown fields, so their fakes do too.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 # Connections a fake queues before accepting them. aiohttp's default of 128 overflowed when a
 # worker opened thousands of connections at once (the in-flight benchmark), and each dropped
-# connection attempt waited for TCP's retransmission (1 s, then 3 s...): calls meant to take 2 s
-# took many times that. Real providers sit behind load balancers that do not refuse so early.
+# connection attempt waited for TCP's retransmission (1 s, then 3 s...), so the benchmark timed
+# the kernel's retries rather than the calls. Real providers sit behind load balancers that do
+# not refuse so early.
 LISTEN_BACKLOG = 4096
 
 
@@ -68,30 +74,50 @@ class FakeProvider:
     calls: int = 0
     on_request: Callable[[ReceivedRequest], None] | None = None
     port: int | None = None
+    in_flight: int = 0
+    _answering: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     _ids: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self._answering.set()
 
     @property
     def root_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        @web.middleware
+        async def count_in_flight(request: web.Request, handler) -> web.StreamResponse:
+            self.in_flight += 1
+            try:
+                return await handler(request)
+            finally:
+                self.in_flight -= 1
+
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[count_in_flight])
         self.add_routes(app.router)
         return app
 
-    async def start(self, port: int = 0) -> "FakeProvider":
+    async def start(self, port: int = 0) -> FakeProvider:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=LISTEN_BACKLOG)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
         return self
 
     async def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    def hold_answers(self) -> None:
+        """Calls wait before answering until ``release_answers``."""
+        self._answering.clear()
+
+    def release_answers(self) -> None:
+        self._answering.set()
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -104,7 +130,7 @@ class FakeProvider:
     def authorized(self, request: web.Request) -> bool:
         raise NotImplementedError
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         raise NotImplementedError
 
@@ -144,6 +170,7 @@ class FakeProvider:
         latency = float(directives.get("latency", self.latency))
         if latency:
             await asyncio.sleep(latency)
+        await self._answering.wait()
         if not self.authorized(request):
             return Admission(body, files, self.error(401))
         if self.fail_next:

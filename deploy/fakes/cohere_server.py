@@ -38,7 +38,7 @@ class FakeCohere(FakeProvider):
     def authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         body = {"id": str(uuid.uuid4()), "message": message or MESSAGES.get(status, "invalid request")}
         return web.json_response(body, status=status, headers=self.retry_after_header(retry_after))

@@ -40,7 +40,7 @@ class FakeGemini(FakeProvider):
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         return self.api_key is None or key == self.api_key
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         if status == 401:  # Google answers a bad key with 400
             status, message = 400, "API key not valid. Please pass a valid API key."

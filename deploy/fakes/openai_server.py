@@ -26,7 +26,7 @@ import base64
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -67,7 +67,7 @@ def vector(text: str, dimensions: int = 8) -> list[float]:
 class FakeOpenAI(FakeProvider):
     accepts_directives = True
     # (path under /v1, handler name, required fields with OpenAI's message)
-    ROUTES = (
+    ROUTES: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = (
         ("/completions", "_completions", ("prompt",)),
         ("/chat/completions", "_chat_completions", ("messages",)),
         ("/responses", "_responses", ("input",)),
@@ -91,7 +91,7 @@ class FakeOpenAI(FakeProvider):
     def authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         error = dict(ERRORS.get(status, ERRORS[500]))
         if message:
@@ -225,7 +225,7 @@ class FakeOpenAI(FakeProvider):
     async def _rerank(self, model: str, body: dict, files: dict) -> web.Response:
         """Together's and vLLM's rerank: documents scored by words shared with the query."""
         query = set(str(body["query"]).lower().split())
-        scored = []
+        scored: list[dict[str, Any]] = []
         for index, document in enumerate(body["documents"]):
             text = document if isinstance(document, str) else document.get("text", "")
             words = set(text.lower().split())
@@ -257,7 +257,7 @@ class FakeAzureOpenAI(FakeOpenAI):
     def authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("api-key") == self.api_key
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         if status == 401:
             return web.json_response({"error": {"code": "401", "message": "Access denied due to invalid "
@@ -280,7 +280,7 @@ class FakeMistral(FakeOpenAI):
         ("/ocr", "_ocr", ("document",)),
     )
 
-    def error(self, status: int, retry_after: float | None = None, message: str | None = None,
+    def error(self, status: int, retry_after: float | str | None = None, message: str | None = None,
               param: str | None = None) -> web.Response:
         kinds = {401: "Unauthorized", 429: "Requests rate limit exceeded"}
         body = {"object": "error", "message": message or kinds.get(status, "Internal server error"),

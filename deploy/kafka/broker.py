@@ -113,6 +113,10 @@ class LocalKafka:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _ports_taken(self) -> bool:
+        """Whether something accepts connections on the client or the controller port."""
+        return any(_port_open(port) for port in (self.port, self.controller_port) if port is not None)
+
     @property
     def libs(self) -> Path:
         return self.jar_cache
@@ -278,7 +282,7 @@ class LocalKafka:
         if self.running_pid() is not None:
             self._wait_ready(timeout)
             return self.bootstrap_servers
-        if _port_open(self.port) or _port_open(self.controller_port):
+        if self._ports_taken():
             raise BrokerError(
                 f"port {self.port} or {self.controller_port} is taken by a process this broker "
                 f"home ({self.home}) did not start; stop it or choose another port"
@@ -350,7 +354,7 @@ class LocalKafka:
         # A multi-threaded JVM's main thread can be a zombie while other threads still hold
         # its sockets; the broker is gone only when its ports are.
         deadline = time.monotonic() + timeout
-        while (_port_open(self.port) or _port_open(self.controller_port)) and time.monotonic() < deadline:
+        while self._ports_taken() and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def kill(self) -> bool:

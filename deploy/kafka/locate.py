@@ -11,8 +11,8 @@ In order:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from app.settings import Settings
 from deploy.kafka.broker import LocalKafka
@@ -26,7 +26,7 @@ class BrokerHandle:
 
     bootstrap_servers: str
     source: str  # "environment", "testcontainers" or "local"
-    _release: Callable[[], None] = field(default=lambda: None, repr=False)
+    _release: Callable[[], object] = field(default=lambda: None, repr=False)
 
     def release(self) -> None:
         release, self._release = self._release, (lambda: None)

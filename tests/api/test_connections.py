@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 
@@ -13,26 +12,18 @@ import aiohttp
 import pytest
 
 from api import connections
-from api.connections import AIOHTTP_INTERNALS, ConnectionLimits, serve
-from api.server import create_api
+from api.connections import AIOHTTP_INTERNALS, ConnectionLimits
 from app.settings import Settings
 from deploy.processes import FerryProcess, free_port
-from tests.conftest import wait_until
-
-CHAT = "/v1/async/chat/completions"
-# Bounds on waits for something that must happen; a test fails when one passes, none measures time.
-CUT_OFF_WITHIN = 30
-
-
-@contextlib.asynccontextmanager
-async def guarded_api(settings: Settings, **overrides):
-    """The API served with the guard, as ``python -m api`` serves it; yields its port."""
-    settings = settings.model_copy(update=overrides)
-    runner, port = await serve(create_api(settings), ConnectionLimits.from_settings(settings), "127.0.0.1", 0)
-    try:
-        yield port
-    finally:
-        await runner.cleanup()
+from tests.helpers import (
+    CHAT,
+    CUT_OFF_WITHIN,
+    assert_contract_error,
+    closed_by_server,
+    guarded_api,
+    read_response,
+    wait_until,
+)
 
 
 async def health(port: int) -> int:
@@ -43,26 +34,6 @@ async def health(port: int) -> int:
             return response.status
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP response: status, headers (lower-case names), body (by Content-Length)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CUT_OFF_WITHIN)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    fields = (line.partition(":") for line in lines if line)
-    headers = {name.strip().lower(): value.strip() for name, _, value in fields}
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), CUT_OFF_WITHIN)
-    return int(status_line.split()[1]), headers, body
-
-
-async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
-    """Everything the server sends until it closes the connection (fails the test if it never does)."""
-    try:
-        return await asyncio.wait_for(reader.read(), CUT_OFF_WITHIN)
-    except ConnectionResetError:
-        return b""
-    except asyncio.TimeoutError:
-        pytest.fail(f"the server kept the connection open for {CUT_OFF_WITHIN} s")
-
-
 async def trickle(writer: asyncio.StreamWriter, chunk: bytes, every: float) -> None:
     """Send ``chunk`` every ``every`` seconds until the server closes the connection."""
     with contextlib.suppress(ConnectionError):
@@ -70,13 +41,6 @@ async def trickle(writer: asyncio.StreamWriter, chunk: bytes, every: float) -> N
             writer.write(chunk)
             await writer.drain()
             await asyncio.sleep(every)
-
-
-def assert_contract_error(body: bytes, status: int) -> dict:
-    error = json.loads(body)
-    assert error["is_bifrost_error"] is True and error["status_code"] == status
-    assert error["error"]["message"] and error["extra_fields"] == {}
-    return error
 
 
 async def test_slow_headers_are_cut_off_while_other_clients_are_served(settings) -> None:

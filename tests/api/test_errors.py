@@ -8,8 +8,7 @@ import logging
 
 import pytest
 
-from tests.api.test_connections import (CHAT, CUT_OFF_WITHIN, assert_contract_error, closed_by_server, guarded_api,
-                                        read_response)
+from tests.helpers import CHAT, CUT_OFF_WITHIN, assert_contract_error, closed_by_server, guarded_api, read_response
 
 SECRET = "sk-bf-0123456789abcdef"
 

@@ -16,14 +16,33 @@ from aiohttp.test_utils import TestClient, TestServer
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 
 from api.errors import ApiError, bad_request, not_found, too_large, unavailable
-from api.openapi import (COMPONENTS, JSON_INTEGER_RANGE, OPENAPI_PATH, add_openapi_route, bound_integers,
-                         build_document, type_schema)
+from api.openapi import (
+    COMPONENTS,
+    JSON_INTEGER_RANGE,
+    OPENAPI_PATH,
+    add_openapi_route,
+    bound_integers,
+    build_document,
+    type_schema,
+)
 from api.request_models import REQUEST_MODELS, ChatCompletionRequest
 from api.routes import PATHS, SETTINGS
 from api.server import create_api
 from api.validation import FORM_RULES, JSON_RULES, Form, validate_form_submit, validate_json_submit
-from app.jobs import (ErrorDetail, ErrorObject, JobRequest, JobState, Outcome, RequestLocation, RequestType,
-                      RetryInfo, Target, UploadedFile, rfc3339, utcnow)
+from app.jobs import (
+    ErrorDetail,
+    ErrorObject,
+    JobRequest,
+    JobState,
+    Outcome,
+    RequestLocation,
+    RequestType,
+    RetryInfo,
+    Target,
+    UploadedFile,
+    rfc3339,
+    utcnow,
+)
 from app.settings import Settings
 
 R = RequestType

@@ -9,7 +9,7 @@ import pytest
 from api.read_model import JobReadModel
 from app.settings import Settings
 from app.topics import declare_topics
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 @pytest.mark.timeout(180)

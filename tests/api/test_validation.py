@@ -8,8 +8,14 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.request_models import REQUEST_MODELS
-from api.validation import (MAX_BODY_DEPTH, Form, nested_deeper_than, result_ttl_seconds, validate_form_submit,
-                            validate_json_submit)
+from api.validation import (
+    MAX_BODY_DEPTH,
+    Form,
+    nested_deeper_than,
+    result_ttl_seconds,
+    validate_form_submit,
+    validate_json_submit,
+)
 from app.jobs import JobRequest, RequestType, Target, UploadedFile, utcnow
 from app.settings import Settings
 
@@ -35,7 +41,8 @@ def test_result_ttl(header, expected) -> None:
 
 
 def test_model_split_on_first_slash_and_fallbacks_kept_in_order() -> None:
-    raw = b'{"model": "corp/meta-llama/llama-3", "fallbacks": ["openai/gpt-4o"], "messages": [{"role": "user"}], "seed": 7}'
+    raw = (b'{"model": "corp/meta-llama/llama-3", "fallbacks": ["openai/gpt-4o"], "messages": [{"role": "user"}], '
+           b'"seed": 7}')
     submission = validate_json_submit(raw, RequestType.chat_completion, ENDPOINTS)
     assert submission.targets == [Target(provider="corp", model="meta-llama/llama-3"),
                                   Target(provider="openai", model="gpt-4o")]

@@ -22,7 +22,7 @@ from api.validation import MAX_BODY_DEPTH, MAX_FORM_PARTS
 from app.jobs import JobRequest, RequestType
 from app.settings import Settings
 from app.topics import changelog_topic, partition_for, request_topic
-from tests.conftest import start_api
+from tests.helpers import start_api
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 R = RequestType

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from app.jobs import (
-    ErrorDetail, ErrorObject, JobRequest, JobState, JobStatus, Outcome, RequestLocation, RequestType, Target,
+    ErrorDetail,
+    ErrorObject,
+    JobRequest,
+    JobState,
+    JobStatus,
+    Outcome,
+    RequestLocation,
+    RequestType,
+    Target,
     rfc3339,
 )
 
-CREATED = datetime(2026, 2, 19, 8, 10, 17, 831000, tzinfo=timezone.utc)
+CREATED = datetime(2026, 2, 19, 8, 10, 17, 831000, tzinfo=UTC)
 REQUEST = JobRequest(id="1e89b165-d4fe-49e8-beb2-3e157f2df02f", request_type=RequestType.chat_completion,
                      created_at=CREATED, ttl_seconds=3600, targets=[Target.parse("openai/gpt-4o")], body={})
 LOCATION = RequestLocation(topic="t", partition=0, offset=5)
@@ -21,7 +29,7 @@ def test_pending_job_object_has_only_id_status_created_at() -> None:
 
 
 def test_completed_job_object() -> None:
-    done_at = datetime(2026, 2, 19, 8, 10, 19, 2000, tzinfo=timezone.utc)
+    done_at = datetime(2026, 2, 19, 8, 10, 19, 2000, tzinfo=UTC)
     state = JobState.pending(REQUEST).processing(LOCATION).finished(Outcome(status_code=200, result={"a": 1}), done_at)
     assert state.attempts == 1
     assert state.to_wire() == {

@@ -12,8 +12,14 @@ from aiokafka.errors import KafkaConnectionError, NotLeaderForPartitionError, Un
 
 import app.logs
 from app.logs import (
-    REPEAT_INTERVAL_SECONDS, REPEAT_LIMIT, TRANSIENT_GRACE_SECONDS, TRANSIENT_RESET_SECONDS, JsonLinesFormatter,
-    RepeatedRecordLimiter, TransientConditionFilter, configure_logging,
+    REPEAT_INTERVAL_SECONDS,
+    REPEAT_LIMIT,
+    TRANSIENT_GRACE_SECONDS,
+    TRANSIENT_RESET_SECONDS,
+    JsonLinesFormatter,
+    RepeatedRecordLimiter,
+    TransientConditionFilter,
+    configure_logging,
 )
 from app.settings import Settings
 

@@ -14,8 +14,7 @@ from app.settings import Settings
 from deploy.fakes.openai_server import FakeOpenAI
 from deploy.kafka.broker import LocalKafka
 from deploy.processes import FerryProcess, free_port
-from tests.conftest import ferry_settings_for, wait_until
-from tests.e2e.test_chat import CHAT
+from tests.helpers import CHAT, ferry_settings_for, wait_until
 
 KAFKA_CLIENT_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
 

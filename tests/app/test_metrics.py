@@ -10,8 +10,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.jobs import JobEvent, JobRequest, RequestType, Target, utcnow
-from app.metrics import (EXACT_STATUS_CODES, REFUSAL_REASONS, ApiMetrics, WorkerMetrics, WorkerSnapshot,
-                         refusal_reason, status_label)
+from app.metrics import (
+    EXACT_STATUS_CODES,
+    REFUSAL_REASONS,
+    ApiMetrics,
+    WorkerMetrics,
+    WorkerSnapshot,
+    refusal_reason,
+    status_label,
+)
 from app.settings import Settings
 from deploy.fakes.openai_server import FakeOpenAI
 from workers.caller import ProviderCaller

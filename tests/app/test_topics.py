@@ -15,23 +15,20 @@ from app.jobs import RequestType
 from app.kafka_clients import client_options
 from app.settings import Settings
 from app.topics import (
-    API, WORKER, ExistingTopic, TopicsNotReady, changelog_topic, dead_letter_topic, declare_topics,
-    job_events_topic, request_topic, request_topics, topic_problems, topic_specs,
+    API,
+    WORKER,
+    ExistingTopic,
+    TopicsNotReady,
+    changelog_topic,
+    dead_letter_topic,
+    declare_topics,
+    job_events_topic,
+    request_topic,
+    request_topics,
+    topic_problems,
+    topic_specs,
 )
-from tests.conftest import wait_until
-
-
-def with_values(settings: Settings, **values) -> Settings:
-    return Settings(**(settings.model_dump() | values))
-
-
-async def topics_named(settings: Settings, *prefixes: str) -> set[str]:
-    admin = AIOKafkaAdminClient(**client_options(settings))
-    await admin.start()
-    try:
-        return {name for name in await admin.list_topics() if name.startswith(prefixes)}
-    finally:
-        await admin.close()
+from tests.helpers import prefixes, topics_named, wait_until, with_values
 
 
 async def create(settings: Settings, topics: list[NewTopic]) -> None:
@@ -62,10 +59,6 @@ async def described(settings: Settings, names: list[str]) -> dict[str, tuple[int
         await admin.close()
     return {name: (len(metadata[name]["partitions"]), len(metadata[name]["partitions"][0]["replicas"]),
                    configs[name]) for name in names}
-
-
-def prefixes(settings: Settings) -> tuple[str, str]:
-    return settings.topic_prefix, settings.app_id
 
 
 async def test_declaration_off_names_every_missing_topic_and_creates_none(settings: Settings) -> None:
@@ -102,7 +95,8 @@ async def test_each_process_checks_the_topics_it_uses(settings: Settings) -> Non
 
 async def test_every_difference_is_named_and_nothing_is_altered(settings: Settings) -> None:
     specs = topic_specs(settings)
-    chat, embedding = request_topic(settings, RequestType.chat_completion), request_topic(settings, RequestType.embedding)
+    chat = request_topic(settings, RequestType.chat_completion)
+    embedding = request_topic(settings, RequestType.embedding)
     wrong = {
         chat: NewTopic(chat, 2, 1, topic_configs=specs[chat].configs),
         embedding: NewTopic(embedding, 4, 1, topic_configs=specs[embedding].configs | {"retention.ms": "60000"}),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -14,18 +13,20 @@ import pytest
 
 from app.settings import Settings
 from app.topics import declare_topics, topic_specs
-from tests.app.test_topics import prefixes, topics_named, with_values
-from tests.conftest import ferry_settings_for, start_api, worker_running
-from tests.e2e.test_chat import poll_until_done, submit
+from deploy.processes import free_port
+from tests.helpers import (
+    ferry_settings_for,
+    poll_until_done,
+    prefixes,
+    start_api,
+    submit,
+    topics_named,
+    with_values,
+    worker_running,
+)
 from workers.app import FerryWorker
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(180)

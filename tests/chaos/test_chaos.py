@@ -15,59 +15,28 @@ import pytest
 from api.routes import READ_MODEL
 from app.jobs import JobStatus
 from app.settings import Settings
-from app.topics import dead_letter_topic, partition_for
+from app.topics import dead_letter_topic
 from deploy.fakes.base import ReceivedRequest
 from deploy.fakes.openai_server import FakeOpenAI
-from tests.conftest import ferry_settings_for, start_api, wait_until
-from tests.e2e.test_chat import CHAT
 from deploy.processes import FerryProcess
-
-
-def job_body(marker: str, **fake) -> dict:
-    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": marker}]}
-    if fake:
-        body["x_fake"] = fake
-    return body
-
-
-async def submit_all(api, bodies: list[dict], concurrency: int = 100) -> list[str]:
-    ids: list[str] = []
-    for start in range(0, len(bodies), concurrency):
-        responses = await asyncio.gather(*(api.post(CHAT, json=b) for b in bodies[start:start + concurrency]))
-        for response in responses:
-            assert response.status == 202, await response.text()
-            ids.append((await response.json())["id"])
-    return ids
-
-
-def states(api, ids: list[str]) -> Counter:
-    view = api.server.app[READ_MODEL]
-    return Counter((view.get(job_id).status if view.get(job_id) else None) for job_id in ids)
-
-
-def terminal_count(api, ids: list[str]) -> int:
-    counted = states(api, ids)
-    return counted[JobStatus.completed] + counted[JobStatus.failed]
-
-
-def unfinished(api, ids: list[str], settings: Settings) -> list[tuple]:
-    """For a failure message: each unfinished job's marker number, status, partition, attempts."""
-    view = api.server.app[READ_MODEL]
-    return [(k, view.get(job_id).status.value, partition_for(job_id, settings.topic_partitions),
-             view.get(job_id).attempts) for k, job_id in enumerate(ids) if not view.get(job_id).status.is_terminal]
-
-
-def calls_per_marker(fake: FakeOpenAI) -> Counter:
-    return Counter(r.body["messages"][-1]["content"] for r in fake.requests)
-
-
-def report(name: str, **figures) -> None:
-    print(f"\nCHAOS {name} {json.dumps(figures)}")
+from tests.helpers import (
+    CHAT,
+    PROVIDER_KEY,
+    calls_per_marker,
+    ferry_settings_for,
+    job_body,
+    report,
+    start_api,
+    states,
+    submit_all,
+    terminal_count,
+    unfinished,
+    wait_until,
+)
 
 
 @pytest.fixture
 async def slow_fake() -> FakeOpenAI:
-    from tests.conftest import PROVIDER_KEY
 
     fake = await FakeOpenAI(api_key=PROVIDER_KEY, latency=0.5).start()
     yield fake
@@ -119,7 +88,6 @@ async def test_sigkill_a_worker_mid_run(settings: Settings, slow_fake: FakeOpenA
 @pytest.mark.timeout(420)
 async def test_broker_stop_and_restart_during_submit_and_processing(private_broker, settings: Settings,
                                                                      tmp_path: Path) -> None:
-    from tests.conftest import PROVIDER_KEY
 
     fake = await FakeOpenAI(api_key=PROVIDER_KEY, latency=0.2).start()
     private_broker.start()
@@ -208,7 +176,7 @@ async def test_provider_429_with_retry_after_then_recovery(settings: Settings, f
     by_job: dict[str, list[float]] = {}
     for received in fake_openai.requests:
         by_job.setdefault(received.body["messages"][-1]["content"], []).append(received.received_at)
-    gaps = [later - earlier for times in by_job.values() for earlier, later in zip(times, times[1:])]
+    gaps = [later - earlier for times in by_job.values() for earlier, later in zip(times, times[1:], strict=False)]
     report("provider_429", submitted=jobs, completed=final[JobStatus.completed], failed=final[JobStatus.failed],
            lost=jobs - final[JobStatus.completed] - final[JobStatus.failed], refused_calls=30,
            retries=len(gaps), shortest_gap_between_calls_of_a_job=round(min(gaps), 3))
@@ -222,7 +190,6 @@ async def test_provider_429_with_retry_after_then_recovery(settings: Settings, f
 async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_path: Path, kafka_bootstrap) -> None:
     from aiokafka import AIOKafkaConsumer
 
-    from tests.conftest import PROVIDER_KEY
 
     fake = await FakeOpenAI(api_key=PROVIDER_KEY).start()
     # One call at a time: the jobs behind the poison are never in flight when it kills a worker

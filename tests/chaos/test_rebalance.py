@@ -11,8 +11,19 @@ from app.jobs import JobStatus
 from app.settings import Settings
 from deploy.fakes.openai_server import FakeOpenAI
 from deploy.processes import FerryProcess
-from tests.chaos.test_chaos import calls_per_marker, job_body, report, states, submit_all, terminal_count, unfinished
-from tests.conftest import PROVIDER_KEY, ferry_settings_for, start_api, wait_until
+from tests.helpers import (
+    PROVIDER_KEY,
+    calls_per_marker,
+    ferry_settings_for,
+    job_body,
+    report,
+    start_api,
+    states,
+    submit_all,
+    terminal_count,
+    unfinished,
+    wait_until,
+)
 
 
 @pytest.mark.timeout(420)

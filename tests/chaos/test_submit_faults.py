@@ -11,36 +11,15 @@ from collections import Counter
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from api.routes import PUBLISHER
 from app.jobs import RequestType
 from app.settings import Settings
 from app.topics import changelog_topic, partition_for, request_topic
-from tests.chaos.test_chaos import job_body, report
-from tests.conftest import start_api, wait_until
-from tests.e2e.test_chat import CHAT
+from tests.helpers import CHAT, job_body, read_topic, report, start_api, wait_until
 
 SUBMITTERS = 24
-
-
-async def read_topic(settings: Settings, topic: str) -> list[tuple[str, bytes | None]]:
-    """Every (key, value) of a topic, in offset order per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        records: list[tuple[str, bytes | None]] = []
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                records.extend((record.key.decode(), record.value) for record in batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 class Submitter:

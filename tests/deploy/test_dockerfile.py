@@ -43,7 +43,7 @@ def stage_env(stage: list[dockerfile.Command]) -> dict[str, str]:
     env: dict[str, str] = {}
     for command in stage:
         if command.cmd == "ENV":
-            env.update(zip(command.value[::2], command.value[1::2]))
+            env.update(zip(command.value[::2], command.value[1::2], strict=True))
     return env
 
 
@@ -109,7 +109,8 @@ def test_final_stage_runs_as_a_non_root_user_without_build_tools() -> None:
 
 def test_default_command_is_the_api_and_the_worker_is_a_command_away() -> None:
     *_, final = stages()
-    assert not [command for command in final if command.cmd == "ENTRYPOINT"], "an ENTRYPOINT would prefix `python -m workers`"
+    assert not [command for command in final if command.cmd == "ENTRYPOINT"], \
+        "an ENTRYPOINT would prefix `python -m workers`"
     [cmd] = [command for command in final if command.cmd == "CMD"]
     # Exec form: python is PID 1 and gets SIGTERM itself (both processes stop gracefully on it).
     assert cmd.json and cmd.value == ("python", "-m", "api")
@@ -171,7 +172,8 @@ def build_context(destination: Path) -> None:
                     name for name in names
                     if ignored(str((Path(folder) / name).relative_to(ROOT)), patterns)])
             else:
-                shutil.copy2(origin, destination / target / origin.name if target.endswith("/") else destination / target)
+                copy = destination / target / origin.name if target.endswith("/") else destination / target
+                shutil.copy2(origin, copy)
 
 
 @pytest.mark.timeout(600)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiokafka.errors import KafkaError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,8 +29,15 @@ from app.settings import Settings
 from deploy.fakes.openai_server import FakeOpenAI
 from deploy.kafka.broker import LocalKafka
 from deploy.processes import FerryProcess
-from tests.conftest import _bindable, _free_port_pair, ferry_settings_for, start_api, worker_running
-from tests.e2e.test_chat import poll_until_done, submit
+from tests.helpers import (
+    bindable,
+    ferry_settings_for,
+    free_port_pair,
+    poll_until_done,
+    start_api,
+    submit,
+    worker_running,
+)
 
 USER = "ferry"
 PASSWORD = "s3cret-scram-password-7f1c"
@@ -43,7 +51,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool, hosts: tuple[str, ...] = ()):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject)).issuer_name(_name(issuer))
@@ -113,7 +121,7 @@ class SecuredBroker:
 def _free_port(taken: set[int]) -> int:
     for _ in range(200):
         port = random.randrange(21000, 29000)
-        if port not in taken and _bindable(port):
+        if port not in taken and bindable(port):
             return port
     raise RuntimeError("no free port")
 
@@ -125,7 +133,7 @@ def secured_broker(tmp_path_factory: pytest.TempPathFactory) -> SecuredBroker:
     by Kafka's storage tool."""
     home = tmp_path_factory.mktemp("secured-kafka")
     certificates = make_certificates(home / "tls")
-    port = _free_port_pair()
+    port = free_port_pair()
     broker = LocalKafka(home=home / "kafka", port=port, heap="512m", sasl_ssl_port=_free_port({port, port + 1}),
                         ssl_keystore_pem=certificates.broker_keystore, ssl_client_truststore_pem=certificates.ca_file,
                         sasl_mechanisms=("SCRAM-SHA-512",),
@@ -258,7 +266,7 @@ async def test_the_password_is_never_in_repr_or_in_the_logs_of_a_failed_connecti
     with pytest.raises(SystemExit) as exited:
         await verify_connection(settings)
     producer = AIOKafkaProducer(**client_options(settings))
-    with pytest.raises(Exception):
+    with pytest.raises(KafkaError):
         await asyncio.wait_for(producer.start(), 30)  # aiokafka's own failure, logged its way
     await producer.stop()
 

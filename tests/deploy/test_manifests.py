@@ -291,7 +291,8 @@ def test_deployments_as_the_processes_need(overlay, tmp_path, monkeypatch):
                       ("api", "readinessProbe"): ("/health/ready", "http"),
                       ("worker", "livenessProbe"): ("/health", "web"),
                       ("worker", "readinessProbe"): ("/health/ready", "web")}
-    ports = {c["ports"][0]["name"]: c["ports"][0]["containerPort"] for spec in (api, worker) for c in spec["containers"]}
+    ports = {c["ports"][0]["name"]: c["ports"][0]["containerPort"]
+             for spec in (api, worker) for c in spec["containers"]}
     assert ports == {"http": settings.api_port, "web": settings.worker_web_port}
     for spec in (api, worker):
         assert spec["securityContext"]["runAsNonRoot"] is True
@@ -308,7 +309,8 @@ def test_deployments_as_the_processes_need(overlay, tmp_path, monkeypatch):
                         for item in volumes[m["name"]]["secret"]["items"]}
         assert secret_files == {data["FERRY_KAFKA_SSL_CA_FILE"]: "ferry-cluster-ca-cert",
                                 data["FERRY_KAFKA_SASL_PASSWORD_FILE"]: settings.kafka_sasl_username}
-    data_mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["mountPath"] == data["FERRY_WORKER_DATA_DIR"])
+    data_mount = next(m for m in worker["containers"][0]["volumeMounts"]
+                      if m["mountPath"] == data["FERRY_WORKER_DATA_DIR"])
     assert "emptyDir" in next(v for v in worker["volumes"] if v["name"] == data_mount["name"])
     assert not any(o["kind"] == "Secret" for o in objects)
 

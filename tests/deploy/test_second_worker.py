@@ -11,7 +11,7 @@ import pytest
 
 from app.settings import Settings
 from deploy.processes import FerryProcess
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 async def worker_ready(port: int) -> bool:

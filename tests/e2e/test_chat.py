@@ -5,26 +5,7 @@ from __future__ import annotations
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import PROVIDER_KEY, wait_until
-
-CHAT = "/v1/async/chat/completions"
-
-
-async def submit(api, body: dict, headers: dict | None = None) -> dict:
-    response = await api.post(CHAT, json=body, headers=headers or {})
-    assert response.status == 202, await response.text()
-    return await response.json()
-
-
-async def poll_until_done(api, job_id: str, path: str = CHAT, timeout: float = 60) -> dict:
-    async def done():
-        response = await api.get(f"{path}/{job_id}")
-        if response.status == 200:
-            return await response.json()
-        assert response.status == 202, await response.text()
-        return None
-
-    return await wait_until(done, timeout, f"job {job_id} to finish")
+from tests.helpers import PROVIDER_KEY, ferry_settings_for, poll_until_done, start_api, submit, worker_running
 
 
 @pytest.mark.timeout(120)
@@ -77,7 +58,6 @@ async def test_provider_error_fails_the_job(api, worker, status) -> None:
 @pytest.mark.timeout(120)
 async def test_wrong_provider_key_fails_with_401(settings, fake_openai) -> None:
     from deploy.fakes.openai_server import ERRORS
-    from tests.conftest import ferry_settings_for, start_api, worker_running
 
     wrong = ferry_settings_for(settings, fake_openai, providers={
         "corp": {"base_url": fake_openai.base_url, "api_key": "sk-wrong"}})

@@ -9,23 +9,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app.jobs import RequestType
-from app.settings import Settings
 from app.topics import changelog_topic, partition_for, request_topic
-from tests.conftest import wait_until
-from tests.e2e.test_chat import CHAT, poll_until_done, submit
 from deploy.processes import FerryProcess, free_port
+from tests.helpers import CHAT, end_offsets, ferry_settings_for, poll_until_done, start_api, submit, wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-async def end_offsets(settings: Settings, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-        return sum((await consumer.end_offsets(tps)).values())
-    finally:
-        await consumer.stop()
 
 
 REFUSALS = [
@@ -67,8 +55,8 @@ async def test_refused_submits_queue_nothing(api, ferry_settings) -> None:
     assert webhook.status == 400
     assert (await webhook.json())["error"]["message"] == "webhook endpoint 'billing' is not configured"
 
-    too_big = await api.post(CHAT, json={"model": "openai/gpt-4o-mini",
-                                         "messages": [{"role": "user", "content": "x" * ferry_settings.max_request_bytes}]})
+    huge = [{"role": "user", "content": "x" * ferry_settings.max_request_bytes}]
+    too_big = await api.post(CHAT, json={"model": "openai/gpt-4o-mini", "messages": huge})
     assert too_big.status == 413
     assert (await too_big.json())["error"]["message"].startswith("request body too large")
 
@@ -199,8 +187,6 @@ async def test_pending_behind_a_backlog_of_ten_thousand(api, second_api, ferry_s
 
 @pytest.mark.timeout(300)
 async def test_broker_down_at_submit_is_503_and_polls_still_answer(private_broker, settings, fake_openai) -> None:
-    from tests.conftest import ferry_settings_for, start_api
-
     private_broker.start()
     own = ferry_settings_for(settings, fake_openai, kafka_bootstrap_servers=private_broker.bootstrap_servers)
     api = await start_api(own)

@@ -32,9 +32,7 @@ from deploy.fakes.cohere_server import FakeCohere
 from deploy.fakes.gemini_server import FakeGemini
 from deploy.fakes.media import png_bytes, wav_bytes
 from deploy.fakes.openai_server import FakeAzureOpenAI, FakeMistral, FakeOpenAI
-from tests.conftest import PROVIDER_KEY, start_api, worker_running
-from tests.e2e.test_chat import poll_until_done
-from tests.e2e.test_chat_submit import end_offsets
+from tests.helpers import PROVIDER_KEY, end_offsets, poll_until_done, start_api, worker_running
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)]
 R = RequestType
@@ -278,7 +276,8 @@ JSON_REFUSALS = [
      "stream is not supported for async image generations"),
     (R.rerank, {"model": "cohere/x", "documents": ["d"]}, "query is required for rerank"),
     (R.rerank, {"model": "cohere/x", "query": "q"}, "documents is required for rerank"),
-    (R.rerank, {"model": "openai/x", "query": "q", "documents": ["d"]}, "provider openai does not support rerank requests"),
+    (R.rerank, {"model": "openai/x", "query": "q", "documents": ["d"]},
+     "provider openai does not support rerank requests"),
     (R.ocr, {"model": "mistral/x"}, "document is required for ocr"),
     (R.ocr, {"model": "vertex/x", "document": {"type": "document_url", "document_url": "u"}},
      "provider vertex is not configured"),
@@ -315,7 +314,8 @@ async def test_refusals_queue_nothing(stack: Stack) -> None:
         response = await stack.api.post(path_of(request_type), json=body)
         assert_refusal(response.status, await response.json(), message)
     for request_type in JSON_REFUSALS_TYPES:
-        response = await stack.api.post(path_of(request_type), data=b"{not json", headers={"Content-Type": "application/json"})
+        response = await stack.api.post(path_of(request_type), data=b"{not json",
+                                        headers={"Content-Type": "application/json"})
         body = await response.json()
         assert response.status == 400 and body["error"]["message"].startswith("invalid request format: "), body
     for request_type, fields, files, message in FORM_REFUSALS:

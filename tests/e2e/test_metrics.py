@@ -11,9 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.jobs import RequestType
 from app.metrics import API_OPERATIONS, EXACT_STATUS_CODES, REFUSAL_REASONS
 from app.settings import Settings
-from tests.conftest import start_api, wait_until
-from tests.e2e.test_chat import CHAT, poll_until_done, submit
-from tests.workers.test_worker_web import free_port, worker_with_web
+from deploy.processes import free_port
+from tests.helpers import CHAT, poll_until_done, start_api, submit, wait_until, worker_with_web
 
 EMBEDDINGS = "/v1/async/embeddings"
 HELLO = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}

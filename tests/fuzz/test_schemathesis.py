@@ -38,7 +38,7 @@ from schemathesis.transport.serialization import Binary
 from api.openapi import OPENAPI_PATH
 from app.settings import Settings
 from deploy.fakes.openai_server import FakeMistral, FakeOpenAI
-from tests.conftest import PROVIDER_KEY, ferry_settings_for
+from tests.helpers import PROVIDER_KEY, ferry_settings_for
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 

@@ -40,8 +40,8 @@ TOOL_CONVERSATION = [
     {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
     {"role": "user", "content": "thanks"},
 ]
-TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look up",
-                                            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+QUERY_SCHEMA = {"type": "object", "properties": {"query": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look up", "parameters": QUERY_SCHEMA}}]
 
 
 # -- OpenAI-compatible and Azure ----------------------------------------------------------------------------

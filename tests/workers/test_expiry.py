@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from workers.expiry import ExpiryIndex
 
-T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
 
 def test_jobs_are_due_at_their_expiry_and_reported_once() -> None:

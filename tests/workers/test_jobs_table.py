@@ -13,8 +13,7 @@ from aiokafka import AIOKafkaConsumer
 from app.jobs import JobStatus
 from app.settings import Settings
 from app.topics import partition_for
-from tests.conftest import wait_until, worker_running
-from tests.e2e.test_chat import submit
+from tests.helpers import submit, wait_until, worker_running
 from workers.app import FerryWorker
 from workers.jobs_table import JobStore
 

@@ -38,7 +38,8 @@ def test_parse_result_returns_the_provider_object() -> None:
 
 
 def test_parse_failure_reads_openai_error_and_retry_after() -> None:
-    body = {"error": {"message": "Rate limit reached", "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+    body = {"error": {"message": "Rate limit reached", "type": "requests", "param": None,
+                      "code": "rate_limit_exceeded"}}
     failure = adapter.parse_failure(HttpResponse(429, {"retry-after": "20"}, orjson.dumps(body)))
     assert (failure.status_code, failure.message, failure.type, failure.code) == (
         429, "Rate limit reached", "requests", "rate_limit_exceeded")

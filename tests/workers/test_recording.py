@@ -8,7 +8,7 @@ from aiokafka import TopicPartition
 
 from app.jobs import JobEvent
 from app.topics import job_events_topic, partition_for
-from tests.e2e.test_chat import poll_until_done, submit
+from tests.helpers import poll_until_done, submit
 from workers.app import FerryWorker
 
 BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

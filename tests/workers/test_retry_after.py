@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from workers.providers.base import HttpResponse, retry_after_seconds, text_failure
 
-NOW = datetime(2026, 10, 21, 7, 28, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 10, 21, 7, 28, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("headers, seconds", [

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from app.settings import Settings
-from tests.conftest import worker_running
-from tests.e2e.test_chat import poll_until_done, submit
+from tests.helpers import poll_until_done, submit, worker_running
 from workers.transport import FerryConsumer
 
 

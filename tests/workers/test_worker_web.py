@@ -7,37 +7,16 @@ port; the worker must answer 404 there and serve only its health pages.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-
 import aiohttp
 import pytest
-from faust.contrib.asgi import faust_app_running
 
 from app.faust_app import create_app
 from app.settings import Settings
-from app.topics import declare_topics
-from tests.conftest import wait_until
-from tests.e2e.test_chat import CHAT, submit
-from workers.app import FerryWorker
+from deploy.processes import free_port
+from tests.helpers import CHAT, submit, wait_until, worker_with_web
 
 FAUST_VIEWS = ["/", "/table/", "/table/jobs/", "/router/", "/router/jobs/", "/router/topics", "/graph/",
                "/stats/", "/assignment/", "/performance/", "/signal/"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def worker_with_web(settings: Settings):
-    """A worker running in this process with its web server on, at ``settings.worker_web_port``."""
-    await declare_topics(settings)
-    ferry_worker = FerryWorker(settings)
-    async with faust_app_running(ferry_worker.app, stop_timeout=60):
-        yield ferry_worker
 
 
 @pytest.mark.timeout(180)

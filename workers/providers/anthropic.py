@@ -27,14 +27,24 @@ the stop reason maps to a ``finish_reason``, usage to OpenAI's token counts. Err
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 
 from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
-from workers.providers.base import (HttpRequest, HttpResponse, ProviderFailure, UnsupportedRequest, json_object,
-                                    json_headers, json_or_none, retry_after_seconds, text_failure)
+from workers.providers.base import (
+    HttpRequest,
+    HttpResponse,
+    ProviderFailure,
+    UnsupportedRequest,
+    json_headers,
+    json_object,
+    json_or_none,
+    retry_after_seconds,
+    text_failure,
+)
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -119,6 +129,7 @@ def to_messages(openai_messages: Sequence[Mapping[str, Any]]) -> tuple[str | Non
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    translated: dict[str, Any] | None
     if choice is None:
         translated = {"type": "auto"} if parallel is False else None
     elif choice in ("auto", "none"):
@@ -186,7 +197,7 @@ def to_chat_completion(message: Mapping[str, Any], created: int) -> dict[str, An
         "choices": [{
             "index": 0,
             "message": reply,
-            "finish_reason": FINISH_REASONS.get(message.get("stop_reason"), "stop"),
+            "finish_reason": FINISH_REASONS.get(str(message.get("stop_reason")), "stop"),
             "logprobs": None,
         }],
         "usage": {

@@ -9,7 +9,8 @@ error bodies are OpenAI's, so only the request's address and key differ from the
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from app.jobs import RequestType, UploadedFile

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import email.utils
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Mapping, Protocol, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import orjson
 
@@ -99,9 +100,9 @@ def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None)
     millis = _header(headers, "retry-after-ms")
     if millis:
         try:
-            value = float(millis)
-            if math.isfinite(value):
-                return max(0.0, value / 1000)
+            milliseconds = float(millis)
+            if math.isfinite(milliseconds):
+                return max(0.0, milliseconds / 1000)
         except ValueError:
             pass
     value = _header(headers, "retry-after")
@@ -117,8 +118,8 @@ def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # "-0000" and the obsolete forms: GMT (RFC 9110 5.6.7)
-    return max(0.0, (moment - (now or datetime.now(timezone.utc))).total_seconds())
+        moment = moment.replace(tzinfo=UTC)  # "-0000" and the obsolete forms: GMT (RFC 9110 5.6.7)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
 
 
 def json_headers(key_header: str, key: str | None, key_prefix: str = "") -> dict[str, str]:

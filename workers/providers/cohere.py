@@ -18,12 +18,21 @@ Errors are ``{"id"?, "message"}`` with the HTTP status telling the kind.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
-from workers.providers.base import (HttpRequest, HttpResponse, ProviderFailure, UnsupportedRequest, json_object,
-                                    json_headers, json_or_none, text_failure)
+from workers.providers.base import (
+    HttpRequest,
+    HttpResponse,
+    ProviderFailure,
+    UnsupportedRequest,
+    json_headers,
+    json_object,
+    json_or_none,
+    text_failure,
+)
 
 R = RequestType
 DEFAULT_INPUT_TYPE = "search_document"
@@ -32,8 +41,9 @@ DEFAULT_INPUT_TYPE = "search_document"
 def _document_text(document: Any) -> str:
     if isinstance(document, str):
         return document
-    if isinstance(document, dict) and isinstance(document.get("text"), str):
-        return document["text"]
+    text = document.get("text") if isinstance(document, dict) else None
+    if isinstance(text, str):
+        return text
     raise UnsupportedRequest("rerank documents must be strings or objects with a text field")
 
 

@@ -25,15 +25,25 @@ Errors are Google's ``{"error": {"code", "message", "status"}}``; ``status`` (``
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import orjson
 
 from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
-from workers.providers.base import (HttpRequest, HttpResponse, ProviderFailure, UnsupportedRequest, json_object,
-                                    json_headers, json_or_none, retry_after_seconds, text_failure)
+from workers.providers.base import (
+    HttpRequest,
+    HttpResponse,
+    ProviderFailure,
+    UnsupportedRequest,
+    json_headers,
+    json_object,
+    json_or_none,
+    retry_after_seconds,
+    text_failure,
+)
 
 R = RequestType
 FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",
@@ -87,7 +97,8 @@ def to_contents(messages: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any] |
                                                "args": orjson.loads(call["function"].get("arguments") or "{}")}})
             role = "model"
         elif role == "tool":
-            name = call_names.get(message.get("tool_call_id"))
+            call_id = message.get("tool_call_id")
+            name = call_names.get(call_id) if isinstance(call_id, str) else None
             if name is None:
                 raise UnsupportedRequest(f"tool message answers unknown call {message.get('tool_call_id')!r}")
             content = message.get("content")

@@ -16,12 +16,20 @@ family's only non-OpenAI paths; their bodies pass through in the provider's own 
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
-from workers.providers.base import (HttpRequest, HttpResponse, ProviderFailure, json_object, json_or_none,
-                                    retry_after_seconds, text_failure)
+from workers.providers.base import (
+    HttpRequest,
+    HttpResponse,
+    ProviderFailure,
+    json_object,
+    json_or_none,
+    retry_after_seconds,
+    text_failure,
+)
 
 R = RequestType
 PATHS = {
