@@ -157,7 +157,10 @@ class ProviderCaller:
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0)
         timeout = httpx.Timeout(self._settings.provider_timeout_seconds,
                                 connect=self._settings.http_connect_timeout_seconds)
-        self._clients = [httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport,
+        # One TLS context for every pool: each client would otherwise build its own and load the CA
+        # bundle again, which blocked the event loop for seconds at start with the default pools.
+        tls = httpx.create_ssl_context()
+        self._clients = [httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport, verify=tls,
                                            follow_redirects=False) for _ in range(pools)]
 
     async def stop(self) -> None:
