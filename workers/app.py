@@ -70,6 +70,7 @@ from pydantic import ValidationError
 from app.faust_app import create_app
 from app.jobs import JobEvent, JobRequest, JobState, JobStatus, Outcome, RequestLocation, RequestType, utcnow
 from app.metrics import WorkerMetrics, WorkerSnapshot
+from app.retry import Backoff
 from app.settings import Settings
 from app.topics import (
     JOBS_TABLE,
@@ -318,17 +319,17 @@ class FerryWorker:
         """Await a changelog write, sending the key's current value again while Kafka refuses it:
         the table already holds it, so nothing else would ever write it to Kafka. Raises if the
         partition is no longer this worker's: the caller then reports through job events."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 await asyncio.shield(write)
                 return
             except Exception as exc:
+                delay = backoff.next_delay()
                 log.warning("changelog write of %s failed (%s); again in %.1f s", key, type(exc).__name__, delay)
                 if not self._owns(partition):
                     raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
             value = self.table.data.get(key)
             if value is None:
                 return  # expired and deleted since

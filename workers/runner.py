@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo, utcnow
 from app.metrics import WorkerMetrics
+from app.retry import Backoff
 from workers.caller import ProviderCaller, service_error
 
 log = logging.getLogger(__name__)
@@ -112,18 +113,16 @@ class JobRunner:
             log.info("job %s: retry report not delivered (%s)", request.id, type(exc).__name__)
 
     async def _deliver(self, event: JobEvent) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 await self._report(event)
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # the broker is away: the outcome must still get through
+                delay = backoff.next_delay()
                 log.warning("job %s: outcome not delivered yet (%s); retrying in %.1f s",
                             event.id, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def drain(self, grace_seconds: float) -> None:
         """Start no more calls; wait up to ``grace_seconds`` for those in flight, then cancel them.
