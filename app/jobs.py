@@ -188,6 +188,7 @@ class JobState(_Record):
     error: ErrorObject | None = None
     attempts: int = 0  # how many workers have started this job
     request: RequestLocation | None = None
+    runner: str | None = None  # the worker that started the latest attempt (its group member URL)
     retry: RetryInfo | None = None  # set while a processing job waits to retry a provider call
 
     @classmethod
@@ -197,9 +198,10 @@ class JobState(_Record):
             created_at=request.created_at, ttl_seconds=request.ttl_seconds, owner=request.owner,
         )
 
-    def processing(self, location: RequestLocation) -> JobState:
+    def processing(self, location: RequestLocation, runner: str | None = None) -> JobState:
         return self.model_copy(update={
             "status": JobStatus.processing, "attempts": self.attempts + 1, "request": location, "retry": None,
+            "runner": runner,
         })
 
     def retrying(self, retry: RetryInfo) -> JobState:
@@ -250,10 +252,12 @@ class Outcome(BaseModel):
 
 
 class JobEvent(_Record):
-    """Something to apply to a job's table entry, from outside a request stream."""
+    """A call's outcome or retry report; on the job-events topic, an outcome whose job's
+    partition moved to another worker during the call (its new owner writes it)."""
 
     id: str
+    # Only "outcome" and "retrying" are made; the others are orders that earlier versions sent
+    # and that a topic may still hold after an upgrade: read, and ignored.
     kind: Literal["outcome", "retrying", "resume", "expire", "catch_up"]
     outcome: Outcome | None = None
     retry: RetryInfo | None = None
-    attempts: int | None = None  # resume: the attempts seen; stale once another start happened

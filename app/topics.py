@@ -11,7 +11,7 @@ pending record lands in the changelog partition the worker will later write.
 - ``<app_id>-jobs-changelog``: the jobs table's compacted changelog (named by Faust's rule).
 
 These are all the topics there are: Faust's leader-election topic (``<app_id>-__assignor-__leader``)
-is switched off in ``app/faust_app.py`` (Ferry has no ``on_leader`` timer), and Faust creates
+is switched off in ``workers/faust_layer/app.py`` (Ferry has no ``on_leader`` timer), and Faust creates
 no other topic for Ferry's agents and table.
 
 ``topic_specs(settings)`` is the one description of them (partitions, replication, configs,

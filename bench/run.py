@@ -8,7 +8,10 @@ Scenarios: ``submit`` (POST throughput of one API process, beside two ceilings: 
 handler and raw aiokafka sends with the API's durability settings), ``e2e`` (submit → terminal
 through GET at fixed offered rates, zero-latency provider), ``inflight`` (provider latency 2 s,
 one worker), ``backlog`` (jobs queued before the worker starts: drain rate, worker RSS over
-time) and ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs).
+time), ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs), ``rebalance``
+(steady load while a second worker joins, then leaves on SIGTERM: the longest stretch without
+completions, lost jobs, provider calls made twice) and ``resume`` (a worker SIGKILLed with
+every job's call in flight: how soon its replacement has started each one again, and its CPU).
 
 Each run writes ``results.json`` and ``chart.png`` under ``bench/results/<UTC time>/``. The load
 generator (``bench/load.py``) runs in its own process and reports its own CPU.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -27,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,11 +41,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from app.kafka_clients import client_options
 from app.settings import Settings
-from app.topics import declare_topics
+from app.topics import declare_topics, partition_for
+from bench.load import CHAT
 from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
-SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll")
+SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume")
 
 
 @dataclass
@@ -52,11 +58,14 @@ class Sizes:
     backlog_jobs: int = 100_000
     warmup_rate: int = 200  # the end-to-end scenarios' load before the measured one
     warmup_seconds: float = 3
+    rebalance_rate: int = 50
+    rebalance_seconds: float = 40  # a worker joins at a quarter of it and leaves at five eighths
+    resume_jobs: int = 10_000
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300, warmup_rate=50,
-                   warmup_seconds=1)
+                   warmup_seconds=1, rebalance_rate=20, rebalance_seconds=24, resume_jobs=200)
 
 
 class Sampler:
@@ -168,13 +177,14 @@ class Stack:
 
     async def wait_ready(self, url: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
+        # A process whose event loop is busy does not answer: each try gives up after a second.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
             while time.monotonic() < deadline:
                 try:
                     async with session.get(url) as reply:
                         if reply.status == 200:
                             return
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     pass
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"{url} not ready after {timeout} s")
@@ -185,8 +195,8 @@ class Stack:
         await self.wait_ready(f"{url}/health/ready")
         return process, url
 
-    async def worker(self) -> FerryProcess:
-        process = self.start("workers")
+    async def worker(self, **env: str) -> FerryProcess:
+        process = self.start("workers", **env)
         await self.wait_ready(f"http://127.0.0.1:{process.web_port}/health/ready")
         return process
 
@@ -382,6 +392,368 @@ async def poll_status(session: aiohttp.ClientSession, job_id: str) -> int:
         return reply.status
 
 
+# -- rebalance and resume -----------------------------------------------------------------------
+
+@dataclass
+class Rebalance:
+    """The rebalance scenario's plan: steady load, a worker joining, then leaving on SIGTERM."""
+
+    rate: int = 50
+    seconds: float = 40
+    join_at: float = 10
+    leave_at: float = 25
+    provider_latency: float = 0.05
+
+    @classmethod
+    def for_sizes(cls, sizes: Sizes) -> Rebalance:
+        seconds = sizes.rebalance_seconds
+        return cls(rate=sizes.rebalance_rate, seconds=seconds, join_at=seconds / 4, leave_at=seconds * 5 / 8)
+
+
+@dataclass
+class Resume:
+    """The resume scenario's plan: this many calls in flight when their worker is SIGKILLed."""
+
+    jobs: int = 10_000
+    provider_latency: float = 600
+
+
+class RecordingFake:
+    """``bench.recording_fake`` in its own process, and the harness's copy of its call log."""
+
+    def __init__(self, stack: Stack, port: int, latency: float) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = stack.start("bench.recording_fake", "--port", str(port), "--latency", str(latency))
+        self.calls: list[list] = []  # [marker, received_at, answered_at], as of the last refresh
+        self.in_flight = 0
+
+    async def refresh(self, session: aiohttp.ClientSession) -> None:
+        """Fetch the calls made since the last refresh (earlier ones keep their first answered_at)."""
+        async with session.get(f"{self.url}/bench/calls", params={"since": len(self.calls)}) as reply:
+            body = await reply.json()
+        self.calls.extend(body["calls"])
+        self.in_flight = body["in_flight"]
+
+    async def final(self) -> list[list]:
+        """The whole log, answers included."""
+        async with aiohttp.ClientSession() as session, session.get(f"{self.url}/bench/calls") as reply:
+            return (await reply.json())["calls"]
+
+
+def marked_body(marker: str, padding: int) -> bytes:
+    return json.dumps({"model": "fake/gpt-4o-mini",
+                       "messages": [{"role": "user", "content": f"{marker} {'x' * padding}"}]}).encode()
+
+
+async def post_job(session: aiohttp.ClientSession, body: bytes) -> tuple[int, str | None]:
+    async with session.post(CHAT, data=body, headers={"Content-Type": "application/json"}) as reply:
+        return reply.status, (await reply.json())["id"] if reply.status == 202 else None
+
+
+def longest_gap(start: float, end: float, times: list[float]) -> tuple[float, float]:
+    """The longest stretch in [start, end] without one of ``times``: (length, its start)."""
+    points = [start, *sorted(t for t in times if start <= t <= end), end]
+    length, at = max((b - a, a) for a, b in itertools.pairwise(points))
+    return round(length, 3), round(at - start, 3)
+
+
+# Worker log lines worth a reader's eye: problems, and Faust's note that the event loop was blocked.
+FLAGGED = ("WARNING", "ERROR", "CRITICAL", "Traceback", "woke up too late")
+
+
+async def worker_pages(worker: FerryProcess) -> dict:
+    """The worker's ``/health`` counters and its ``/metrics`` lines on jobs in flight and consumer lag."""
+    base = f"http://127.0.0.1:{worker.web_port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(f"{base}/health") as reply:
+                health = await reply.json()
+            async with session.get(f"{base}/metrics") as reply:
+                metrics = [line for line in (await reply.text()).splitlines()
+                           if not line.startswith("#") and ("lag" in line or "in_flight" in line)]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return {"error": type(exc).__name__}
+    return {"health": health, "metrics": metrics}
+
+
+def worker_log_lines(process: FerryProcess) -> list[str]:
+    path = process.workdir / f"{process.module}.log"
+    return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+
+def worker_log_excerpt(process: FerryProcess, limit: int = 20) -> dict:
+    """The worker log's flagged lines (``FLAGGED``): how many, and the first of them."""
+    lines = worker_log_lines(process)
+    flagged = [line for line in lines if any(word in line for word in FLAGGED)]
+    return {"log": str(process.workdir / f"{process.module}.log"), "lines": len(lines), "flagged": len(flagged),
+            "first_flagged": flagged[:limit]}
+
+
+def assignments(process: FerryProcess, clock_offset: float) -> list[float]:
+    """When the worker's consumer took each new assignment, from its INFO log, in ``time.monotonic()``
+    seconds (``clock_offset``: ``time.time() - time.monotonic()``, the log's times being wall times)."""
+    times = []
+    for line in worker_log_lines(process):
+        if "Setting newly assigned partitions" in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").astimezone()
+            times.append(stamp.timestamp() - clock_offset)
+    return times
+
+
+async def scenario_rebalance(bootstrap: str, workdir: Path, plan: Rebalance) -> dict:
+    """Steady load through a clean join and a clean leave: gaps in service, lost and repeated calls."""
+    fake_port = free_port()
+    settings = stack_settings(bootstrap, fake_port)
+    stack = Stack(settings, workdir / "rebalance")
+    jobs: dict[str, dict] = {}  # marker -> id, submitted, terminal (monotonic), status
+    events: dict[str, float] = {}
+    poll_rounds: list[float] = []
+    try:
+        fake = RecordingFake(stack, fake_port, plan.provider_latency)
+        await wait_port(fake_port)
+        api, url = await stack.api()
+        first = await stack.worker(FERRY_LOG_LEVEL="INFO")  # INFO: the log's assignment lines are read
+        await wait_all_terminal(url, await submit_many(url, 50, concurrency=10))  # warm-up, see scenario_e2e
+        second = FerryProcess("workers", settings, stack.workdir / "workers-joining", FERRY_LOG_LEVEL="INFO")
+        outstanding: dict[str, str] = {}  # id -> marker
+        submitting = True
+        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=64)) as session:
+            began = time.monotonic()
+
+            async def submit(number: int) -> None:
+                marker = f"job-{number}"
+                sent = time.monotonic()
+                status, job_id = await post_job(session, marked_body(marker, 200))
+                jobs[marker] = {"id": job_id, "submitted": sent, "submit_status": status, "terminal": None}
+                if job_id:
+                    outstanding[job_id] = marker
+
+            async def poll_one(job_id: str) -> None:
+                try:
+                    async with session.get(f"{CHAT}/{job_id}") as reply:
+                        status, body = reply.status, await reply.json()
+                except (aiohttp.ClientError, ValueError):
+                    return  # the API busy or restarting: polled again next round
+                job = jobs[outstanding[job_id]]
+                job["status"] = body.get("status")  # the last one seen: a lost job's tells where it stuck
+                if status == 200:
+                    job["terminal"] = time.monotonic()
+                    del outstanding[job_id]
+
+            async def poll() -> None:
+                # Rounds over every unfinished job: a round's length is the precision of a
+                # terminal time, and it grows with the jobs waiting instead of flooding the API.
+                drain_deadline = began + plan.seconds + 90
+                while (submitting or outstanding) and time.monotonic() < drain_deadline:
+                    round_began = time.monotonic()
+                    await asyncio.gather(*(poll_one(job_id) for job_id in list(outstanding)))
+                    poll_rounds.append(time.monotonic() - round_began)
+                    await asyncio.sleep(0.02)
+
+            async def churn() -> None:
+                await asyncio.sleep(max(0.0, began + plan.join_at - time.monotonic()))
+                events["join"] = time.monotonic()
+                second.start()
+                stack.processes.append(second)
+                try:
+                    await stack.wait_ready(f"http://127.0.0.1:{second.web_port}/health/ready",
+                                           timeout=plan.leave_at - plan.join_at)
+                    events["joined_ready"] = time.monotonic()
+                except RuntimeError:
+                    pass  # not ready before its SIGTERM: reported as such
+                await asyncio.sleep(max(0.0, began + plan.leave_at - time.monotonic()))
+                events["leave"] = time.monotonic()
+                await asyncio.to_thread(second.terminate, 120)  # SIGTERM, then its exit
+                events["left_exited"] = time.monotonic()
+
+            poller = asyncio.create_task(poll())
+            churner = asyncio.create_task(churn())
+            submits = []
+            for number in range(int(plan.rate * plan.seconds)):
+                delay = began + number / plan.rate - time.monotonic()  # open loop, as bench.load e2e
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                submits.append(asyncio.create_task(submit(number)))
+            await asyncio.gather(*submits)
+            submitting = False
+            await churner
+            await poller
+        after_drain = await worker_pages(first)  # jobs still unfinished: what the worker says of them
+        calls = await fake.final()
+        logs = {"first": worker_log_excerpt(first), "joining": worker_log_excerpt(second)}
+        clock_offset = time.time() - time.monotonic()
+        assigned = {"first": [round(t - began, 2) for t in assignments(first, clock_offset) if t > began],
+                    "joining": [round(t - began, 2) for t in assignments(second, clock_offset)]}
+    finally:
+        await stack.close()
+
+    ours = [call for call in calls if call[0] and call[0].startswith("job-")]
+    calls_per_job = Counter(call[0] for call in ours)
+    partitions = settings.topic_partitions
+    partition_of = {marker: partition_for(job["id"], partitions) for marker, job in jobs.items() if job["id"]}
+    completions = [job["terminal"] for job in jobs.values() if job["terminal"]]
+    starts = [call[1] for call in ours]
+    end = began + plan.seconds
+
+    def around(event: str, until: float) -> dict:
+        at = events[event]
+        gap, gap_at = longest_gap(at, until, completions)
+        call_gap, call_gap_at = longest_gap(at, until, starts)
+        per_partition = {p: longest_gap(at, until, [call[1] for call in ours if partition_of.get(call[0]) == p])[0]
+                         for p in range(partitions)}
+        latencies = [job["terminal"] - job["submitted"] for job in jobs.values()
+                     if job["terminal"] and at - 1 <= job["submitted"] <= until]
+        return {"at_s": round(at - began, 2), "window_s": round(until - at, 2),
+                "longest_gap_in_completions_s": gap, "gap_began_s_after": gap_at,
+                "longest_gap_in_provider_calls_s": call_gap, "call_gap_began_s_after": call_gap_at,
+                "longest_gap_per_partition_s": per_partition,
+                "submit_to_terminal_max_s": round(max(latencies), 3) if latencies else None,
+                "submit_to_terminal_p99_s": percentile(latencies, 0.99)}
+
+    quiet_from = began + 1
+    baseline = {p: longest_gap(quiet_from, events["join"], [call[1] for call in ours
+                                                           if partition_of.get(call[0]) == p])[0]
+                for p in range(partitions)}
+    submitted = [job for job in jobs.values() if job["id"]]
+    statuses = Counter(job["status"] for job in submitted if job["terminal"])
+    lost = [(marker, job) for marker, job in jobs.items() if job["id"] and not job["terminal"]]
+    (stack.workdir / "jobs.json").write_text(json.dumps({"began": began, "events": events, "jobs": jobs,
+                                                         "calls": calls}))
+    return {
+        "plan": plan.__dict__, "partitions": partitions,
+        "join": around("join", min(events["leave"], end)) | {
+            "joiner_ready_s_after_start": round(events["joined_ready"] - events["join"], 2)
+            if "joined_ready" in events else None},
+        "leave": around("leave", max(events["leave"], end)) | {
+            "leaver_exited_s_after_sigterm": round(events["left_exited"] - events["leave"], 2)},
+        "baseline_before_join": {"window_s": round(events["join"] - quiet_from, 2),
+                                 "longest_gap_per_partition_s": baseline,
+                                 "longest_gap_in_completions_s":
+                                     longest_gap(quiet_from, events["join"], completions)[0]},
+        "assignments_s_after_load_start": assigned,
+        "jobs_submitted": len(submitted), "submits_refused": len(jobs) - len(submitted),
+        "jobs_completed": statuses.get("completed", 0), "jobs_failed": statuses.get("failed", 0),
+        "jobs_lost": len(lost),  # not terminal 90 s after the load
+        "lost_jobs_by_last_status": dict(Counter(job["status"] for _, job in lost)),
+        "lost_jobs_by_partition": dict(Counter(partition_of[marker] for marker, _ in lost)),
+        "lost_jobs_submitted_s": [round(min(job["submitted"] for _, job in lost) - began, 2),
+                                  round(max(job["submitted"] for _, job in lost) - began, 2)] if lost else None,
+        "jobs_never_called": sum(1 for marker in jobs if jobs[marker]["id"] and marker not in calls_per_job),
+        "duplicate_provider_calls": sum(n - 1 for n in calls_per_job.values() if n > 1),
+        "jobs_called_more_than_once": sum(1 for n in calls_per_job.values() if n > 1),
+        "poll_round_max_s": round(max(poll_rounds), 3) if poll_rounds else None,
+        "poll_round_p50_s": percentile(poll_rounds, 0.5),
+        "first_worker_after_drain": after_drain,
+        "worker_logs": logs,
+    }
+
+
+async def scenario_resume(bootstrap: str, workdir: Path, plan: Resume) -> dict:
+    """Jobs orphaned by a SIGKILLed worker: how soon its replacement has started each one again."""
+    fake_port = free_port()
+    # Every job's call must be in flight at once: the in-flight cap and the connection pool are
+    # raised to the job count; calls outlast the run, and the provider timeout outlasts the calls.
+    defaults = Settings.model_fields
+    settings = stack_settings(bootstrap, fake_port,
+                              worker_max_in_flight=max(plan.jobs, defaults["worker_max_in_flight"].default),
+                              http_max_connections=max(plan.jobs, defaults["http_max_connections"].default),
+                              provider_timeout_seconds=plan.provider_latency + 300)
+    stack = Stack(settings, workdir / "resume")
+    results: dict = {"plan": plan.__dict__, "settings_changed": {
+        "worker_max_in_flight": settings.worker_max_in_flight, "http_max_connections": settings.http_max_connections,
+        "provider_timeout_seconds": settings.provider_timeout_seconds}}
+    try:
+        fake = RecordingFake(stack, fake_port, plan.provider_latency)
+        await wait_port(fake_port)
+        _, url = await stack.api()
+        first = await stack.worker()
+        await submit_marked(url, plan.jobs)
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 600
+            while fake.in_flight < plan.jobs:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {fake.in_flight} calls in flight after 600 s")
+                await asyncio.sleep(0.5)
+                await fake.refresh(session)
+            # The jobs' processing records and the request commits reach Kafka within a commit interval.
+            await asyncio.sleep(5)
+            first.kill()
+            killed = time.monotonic()
+            results["calls_before_kill"] = len(fake.calls)
+            second = stack.start("workers", FERRY_LOG_LEVEL="INFO")  # INFO: its assignment is read from the log
+            ready = None
+            seen: Counter = Counter(call[0] for call in fake.calls)
+            restarted_at: dict[str, float] = {}
+            cpu: list[tuple[float, float]] = []  # (monotonic, the replacement's CPU seconds)
+            deadline = time.monotonic() + 600
+            while len(restarted_at) < plan.jobs and time.monotonic() < deadline:
+                cpu.append((time.monotonic(), Sampler.read(_pid(second))[1]))
+                if ready is None:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{second.web_port}/health/ready",
+                                               timeout=aiohttp.ClientTimeout(total=0.2)) as reply:
+                            ready = time.monotonic() if reply.status == 200 else None
+                    except (aiohttp.ClientError, TimeoutError):
+                        pass  # not listening yet, or its event loop is busy
+                before = len(fake.calls)
+                await fake.refresh(session)
+                for marker, received, _ in fake.calls[before:]:
+                    seen[marker] += 1
+                    if seen[marker] == 2:
+                        restarted_at[marker] = received
+                await asyncio.sleep(0.05)
+            cpu.append((time.monotonic(), Sampler.read(_pid(second))[1]))
+            second.kill()  # its calls would drain for the grace period
+        clock_offset = time.time() - time.monotonic()
+        restarts = sorted(restarted_at.values())
+        # The assignment the orphans were resumed under: the last one before the first restart.
+        taken = [t for t in assignments(second, clock_offset) if not restarts or t <= restarts[0]]
+        assigned = taken[-1] if taken else None
+
+        def cpu_at(moment: float) -> float:
+            return next((seconds for at, seconds in reversed(cpu) if at <= moment), cpu[0][1])
+
+        def after(moment: float | None, then: float | None) -> float | None:
+            return round(then - moment, 3) if moment is not None and then is not None else None
+
+        results |= {
+            "jobs": plan.jobs, "jobs_started_again": len(restarts),
+            "assigned_s_after_kill": after(killed, assigned),
+            "ready_s_after_kill": after(killed, ready),
+            "first_restart_s_after_assignment": after(assigned, restarts[0] if restarts else None),
+            "all_restarted_s_after_assignment": after(assigned, restarts[-1] if restarts else None),
+            "all_restarted_s_after_ready": after(ready, restarts[-1] if restarts else None),
+            "all_restarted_s_after_kill": after(killed, restarts[-1] if restarts else None),
+            "restarts_per_second": round(len(restarts) / (restarts[-1] - restarts[0]), 1)
+            if len(restarts) > 1 and restarts[-1] > restarts[0] else None,
+            "replacement_cpu_s_assignment_to_all_restarted":
+                round(cpu_at(restarts[-1]) - cpu_at(assigned), 2) if assigned and restarts else None,
+            "replacement_cpu_s_since_its_start": round(cpu[-1][1], 2),
+            "worker_logs": {"killed": worker_log_excerpt(first), "replacement": worker_log_excerpt(second)}}
+    finally:
+        await stack.close()
+    return results
+
+
+async def submit_marked(url: str, count: int, concurrency: int = 64) -> dict[str, str]:
+    """Submit ``count`` small chat jobs whose message starts with their marker; marker -> id."""
+    ids: dict[str, str] = {}
+    queue = iter(range(count))
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def client() -> None:
+            for number in queue:
+                marker = f"job-{number}"
+                while marker not in ids:
+                    status, job_id = await post_job(session, marked_body(marker, 20))
+                    if job_id:
+                        ids[marker] = job_id
+                    else:
+                        await asyncio.sleep(0.1)  # 503 while Kafka is slow: not queued, sent again
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return ids
+
+
 def chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -443,6 +815,12 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
             elif scenario == "backlog":
                 results["scenarios"]["backlog"] = await scenario_backlog_and_poll(
                     handle.bootstrap_servers, workdir, sizes, run_poll="poll" in scenarios)
+            elif scenario == "rebalance":
+                results["scenarios"]["rebalance"] = await scenario_rebalance(handle.bootstrap_servers, workdir,
+                                                                             Rebalance.for_sizes(sizes))
+            elif scenario == "resume":
+                results["scenarios"]["resume"] = await scenario_resume(handle.bootstrap_servers, workdir,
+                                                                       Resume(jobs=sizes.resume_jobs))
     finally:
         handle.release()
     chart(results, workdir / "chart.png")
@@ -463,6 +841,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="length of each timed load")
     parser.add_argument("--rates", help="offered rates of the e2e scenario, comma-separated (jobs/s)")
     parser.add_argument("--backlog-jobs", type=int, help="jobs queued before the worker starts")
+    parser.add_argument("--rebalance-seconds", type=float,
+                        help="length of the rebalance scenario's load (a worker joins at 1/4, leaves at 5/8)")
+    parser.add_argument("--resume-jobs", type=int, help="calls in flight when the resume scenario's worker is killed")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = parser.parse_args()
     scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
@@ -478,6 +859,10 @@ def main() -> None:
         sizes.rates = tuple(int(rate) for rate in args.rates.split(","))
     if args.backlog_jobs:
         sizes.backlog_jobs = args.backlog_jobs
+    if args.rebalance_seconds:
+        sizes.rebalance_seconds = args.rebalance_seconds
+    if args.resume_jobs:
+        sizes.resume_jobs = args.resume_jobs
     asyncio.run(run(scenarios, sizes, Path(args.out)))
 
 

@@ -1,28 +1,62 @@
-"""Reading records again from Kafka by partition and offset: requests, and skipped job events.
+"""Reading records again from Kafka by partition and offset: the requests of orphaned jobs.
 
-Used when a worker resumes a job that another worker had started (it is ``processing`` in the
-table, but nobody here runs it: the table keeps where the request sits, not the request), and
-when Faust skipped request records that the worker must still take (see ``workers/app.py``).
+Used when a worker resumes jobs that another worker had started (``processing`` in the table,
+but nobody runs them: the table keeps where each request sits, not the request), and to learn
+where the group's commits stand at an assignment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
-from app.jobs import JobRequest, RequestLocation
+from app.jobs import RequestLocation
 from app.kafka_clients import client_options
+from app.retry import Backoff
 from app.settings import Settings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-class RequestGone(Exception):
-    """The request is no longer in Kafka (retention removed it)."""
+# Reading past this many unwanted records costs more than a seek and a new fetch.
+RUN_GAP = 500
 
 
 class FetcherStopped(Exception):
     """A read after the worker stopped its fetcher (shutdown): the next owner reads instead."""
+
+
+def _runs(offsets: list[int], max_skipped: int = RUN_GAP) -> list[tuple[int, int]]:
+    """[start, end) ranges covering sorted ``offsets``, split where more than ``max_skipped``
+    unwanted records lie between two wanted ones."""
+    runs: list[tuple[int, int]] = []
+    for offset in offsets:
+        if runs and offset - runs[-1][1] <= max_skipped:
+            runs[-1] = (runs[-1][0], offset + 1)
+        else:
+            runs.append((offset, offset + 1))
+    return runs
+
+
+async def retried_while_unreachable(lookup: Callable[..., Awaitable[T]], *args: Any,
+                                    stopping: Callable[[], bool]) -> T | None:
+    """``lookup(*args)``, retried while Kafka is away or slow (a rebalance must not fail on an
+    outage: Faust would give up the assignment); None once ``stopping()``. Other errors raise."""
+    backoff = Backoff(0.5, 5.0)
+    while not stopping():
+        try:
+            return await lookup(*args)
+        except (KafkaError, TimeoutError) as exc:
+            delay = backoff.next_delay()
+            log.warning("Kafka read failed (%s); retrying in %.1f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+    return None
 
 
 class RequestFetcher:
@@ -44,7 +78,7 @@ class RequestFetcher:
             consumer = AIOKafkaConsumer(
                 **client_options(self._settings),
                 client_id="ferry-worker-request-fetcher", group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest",  # a deleted offset then reads as the next one: RequestGone
+                auto_offset_reset="earliest",  # a deleted offset then reads as the next one: absent
                 # Reads are ranges of a few hundred records: fetch 1 MiB at a time, not the 36 MiB a
                 # record may be (Kafka still returns a larger first batch whole, KIP-74).
                 max_partition_fetch_bytes=1024 * 1024,
@@ -53,6 +87,12 @@ class RequestFetcher:
             )
             await consumer.start()
             self._consumer = consumer
+
+    async def _started(self) -> AIOKafkaConsumer:
+        await self.start()
+        if self._consumer is None:
+            raise FetcherStopped()
+        return self._consumer
 
     async def stop(self) -> None:
         self._stopped = True
@@ -72,22 +112,27 @@ class RequestFetcher:
         missing = [tp for tp in partitions if tp not in offsets]
         if missing:
             async with self._lock:
-                await self.start()
-                offsets.update(await self._consumer.beginning_offsets(missing))
+                offsets.update(await (await self._started()).beginning_offsets(missing))
         return offsets
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         async with self._lock:
-            await self.start()
-            return await self._consumer.end_offsets(partitions)
+            return await (await self._started()).end_offsets(partitions)
 
-    async def fetch(self, location: RequestLocation, timeout: float = 10.0) -> JobRequest:
-        """The request at ``location``; RequestGone if retention has removed it."""
-        records = await self.fetch_values(location.topic, location.partition, location.offset, location.offset + 1,
-                                          timeout)
-        if not records:
-            raise RequestGone(f"offset {location.offset} of {location.topic}/{location.partition} is gone")
-        return JobRequest.from_bytes(records[0][1])
+    async def fetch_many(self, locations: list[RequestLocation]) -> dict[RequestLocation, bytes]:
+        """The records at ``locations``, read a run of nearby offsets at a time rather than one
+        seek per record; a location retention has removed is absent from the result."""
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        for location in locations:
+            by_partition.setdefault((location.topic, location.partition), []).append(location.offset)
+        found: dict[RequestLocation, bytes] = {}
+        for (topic, partition), offsets in by_partition.items():
+            wanted = set(offsets)
+            for start, end in _runs(sorted(wanted)):
+                for offset, value in await self.fetch_values(topic, partition, start, end):
+                    if offset in wanted:
+                        found[RequestLocation(topic=topic, partition=partition, offset=offset)] = value
+        return found
 
     async def fetch_values(self, topic: str, partition: int, start: int, end: int,
                            timeout: float = 30.0) -> list[tuple[int, bytes]]:
@@ -98,8 +143,7 @@ class RequestFetcher:
         tp = TopicPartition(topic, partition)
         found: list[tuple[int, bytes]] = []
         async with self._lock:  # one consumer, one position: reads take turns
-            await self.start()  # a resume may come before the worker's services have started
-            consumer = self._consumer  # stop() may clear the attribute under a read: it then fails
+            consumer = await self._started()  # a resume may come before the worker's services start
             consumer.assign([tp])
             consumer.seek(tp, start)
             async with asyncio.timeout(timeout):

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 Report = Callable[[JobEvent], Awaitable[None]]
 
 
+class Stopping(Exception):
+    """The worker is stopping: no more calls start, and what was not taken is left unacked."""
+
+
 class JobRunner:
     def __init__(self, caller: ProviderCaller, report: Report, max_in_flight: int,
                  metrics: WorkerMetrics | None = None) -> None:

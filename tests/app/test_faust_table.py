@@ -10,8 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from faust.contrib.asgi import faust_app_running
 
-from app.faust_app import create_app
 from app.settings import Settings
+from workers.faust_layer import create_app
 
 
 def _build(settings: Settings):

@@ -71,7 +71,7 @@ async def test_declaration_off_names_every_missing_topic_and_creates_none(settin
     message = str(refused.value)
     for name in topic_specs(off):
         assert name in message
-    # Faust's own: the table's changelog (its leader topic is switched off, see app/faust_app.py).
+    # Faust's own: the table's changelog (its leader topic is switched off, see workers/faust_layer/app.py).
     assert changelog_topic(off) == f"{off.app_id}-jobs-changelog" and changelog_topic(off) in message
     assert "__assignor" not in message
     assert "FERRY_DECLARE_TOPICS=false" in message

@@ -12,11 +12,11 @@ import pytest
 from deploy.processes import REPO_ROOT
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> None:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
     subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=REPO_ROOT, env=env,
-                   check=True, timeout=560)
+                   check=True, timeout=860)
     [run_dir] = tmp_path.iterdir()
     assert (run_dir / "chart.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((run_dir / "results.json").read_text())
@@ -33,3 +33,11 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     backlog = scenarios["backlog"]["backlog"]
     assert backlog["jobs"] == 300 and backlog["worker_rss_series"]
     assert scenarios["backlog"]["poll"]["statuses"] == {"200": scenarios["backlog"]["poll"]["requests"]}
+    rebalance = scenarios["rebalance"]
+    # 20 jobs/s for 24 s while a second worker starts and is stopped: every job accepted ends, and was called.
+    accepted = rebalance["jobs_submitted"]
+    assert accepted + rebalance["submits_refused"] == 480 and accepted > 0 and rebalance["jobs_lost"] == 0
+    assert rebalance["jobs_completed"] + rebalance["jobs_failed"] == accepted and rebalance["jobs_never_called"] == 0
+    resume = scenarios["resume"]
+    assert resume["calls_before_kill"] == 200 and resume["jobs_started_again"] == 200
+    assert resume["all_restarted_s_after_assignment"] is not None

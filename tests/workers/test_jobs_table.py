@@ -15,7 +15,7 @@ from app.settings import Settings
 from app.topics import partition_for
 from tests.helpers import submit, wait_until, worker_running
 from workers.app import FerryWorker
-from workers.jobs_table import JobStore
+from workers.faust_layer import JobStore, owned_partitions
 
 BODY = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -55,14 +55,14 @@ async def test_a_worker_without_the_files_recovers_the_table_from_its_changelog(
 async def test_table_writes_skip_fausts_producer_buffer_and_reach_kafka_in_order(worker: FerryWorker,
                                                                                  kafka_bootstrap: str) -> None:
     partitions = worker.settings.topic_partitions
-    await wait_until(lambda: len(worker._owned_partitions()) == partitions, 60, "the worker's assignment")
+    changelog = worker.table.changelog_topic.get_topic_name()
+    await wait_until(lambda: len(owned_partitions(worker.app, changelog)) == partitions, 60, "the worker's assignment")
     keys = [f"ordered-{n}".encode() for n in range(5)]
     versions = 300
     writes = []
     for version in range(versions):  # 1,500 writes in one step of the loop, as a catch-up makes
         for key in keys:
-            worker.table[key] = str(version).encode()
-            writes.append(worker.table.last_write)
+            writes.append(worker.table.write(key, str(version).encode()))
     # Faust holds back every stream while more than 100 writes wait in its producer buffer.
     assert worker.app.producer.buffer.size == 0
     assert await worker.table.flush_writes(timeout=60)  # what a rebalance waits for

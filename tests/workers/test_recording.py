@@ -32,10 +32,10 @@ async def test_the_owner_writes_the_outcome_to_the_table_without_a_job_event(api
 async def test_an_outcome_for_a_partition_not_owned_goes_through_job_events(api, worker: FerryWorker) -> None:
     # As after a rebalance that moved the partition during the call: the outcome is sent to the
     # job-events topic, and the partition's owner (here the same worker's events agent) applies it.
-    worker._owns = lambda partition: False
+    worker.owns = lambda partition: False
     job_id = (await submit(api, BODY))["id"]
     job = await poll_until_done(api, job_id)
     assert job["status"] == "completed" and job["result"]["choices"][0]["message"]["content"]
     assert [e.kind for e in await job_events_of(worker, job_id)] == ["outcome"]
     assert worker.counters()["duplicate_outcomes"] == 0
-    assert not worker._busy_with(job_id)
+    assert job_id not in worker.runner.in_flight

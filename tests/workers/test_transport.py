@@ -7,7 +7,7 @@ import pytest
 
 from app.settings import Settings
 from tests.helpers import poll_until_done, submit, worker_running
-from workers.transport import FerryConsumer
+from workers.faust_layer import FerryConsumer
 
 
 @pytest.mark.timeout(300)
@@ -20,13 +20,15 @@ async def test_records_reach_a_stream_whose_buffer_is_full(api, ferry_settings: 
         consumer = worker.app.consumer
         assert isinstance(consumer, FerryConsumer)
         waited = []
-        faust_wait_first = consumer.wait_first
+        cannot_block = consumer._delivery_cannot_block
 
-        def counting_wait_first(*args, **kwargs):
-            waited.append(args)
-            return faust_wait_first(*args, **kwargs)
+        def counting_cannot_block(tp):
+            direct = cannot_block(tp)
+            if not direct:
+                waited.append(tp)
+            return direct
 
-        consumer.wait_first = counting_wait_first
+        consumer._delivery_cannot_block = counting_cannot_block
         ids = [(await submit(api, body))["id"] for _ in range(30)]
         finished = [await poll_until_done(api, job_id, timeout=120) for job_id in ids]
     assert [job["status"] for job in finished] == ["completed"] * 30

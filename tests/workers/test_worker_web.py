@@ -10,10 +10,10 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from app.faust_app import create_app
 from app.settings import Settings
 from deploy.processes import free_port
 from tests.helpers import CHAT, submit, wait_until, worker_with_web
+from workers.faust_layer import create_app
 
 FAUST_VIEWS = ["/", "/table/", "/table/jobs/", "/router/", "/router/jobs/", "/router/topics", "/graph/",
                "/stats/", "/assignment/", "/performance/", "/signal/"]

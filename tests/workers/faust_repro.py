@@ -1,0 +1,410 @@
+"""Reproductions of faust-streaming 0.15.3 defects against a real broker, with the classes under test
+as parameters, so that the same scenario shows the defect with Faust's classes and its absence with
+Ferry's (tests/workers/test_faust_layer.py runs them with ``workers.faust_layer``).
+
+Each ``check_*`` coroutine builds a minimal Faust app, drives one defect's trigger and asserts the
+outcome a correct consumer or table gives. Nothing here mocks Kafka: where a scenario needs a
+trigger at a precise moment, it changes Faust's own state (the active partition set, the flow) at
+the boundary where Faust's rebalance and recovery change it, and the records, positions, seeks and
+commits stay the broker's and aiokafka's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Literal
+
+import faust
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from faust.contrib.asgi import faust_app_running
+from faust.sensors import Sensor
+from faust.types import TP
+
+from app.settings import Settings
+from tests.helpers import wait_until
+from workers.faust_layer import create_app
+
+STARTUP_TIMEOUT = 90  # a fresh group's first assignment, on a loaded machine
+
+
+def build_app(settings: Settings, transport_cls: type, table_cls: type = faust.Table, **overrides) -> faust.App:
+    """Ferry's Faust app for ``settings``, with ``transport_cls`` as its transport and ``table_cls``
+    as the class ``app.Table`` makes (the way the worker installs its own)."""
+    app = create_app(settings, web_enabled=False, Table=table_cls, **overrides)
+    app.transport = transport_cls(app.conf.broker_consumer, app)
+    return app
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, records: dict[int, list[tuple[bytes | None, bytes]]]) -> None:
+    """Write ``records`` (partition -> [(key, value)]) and wait until the broker has them all."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, key=key, partition=partition)
+                for partition, pairs in records.items() for key, value in pairs]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset per partition of ``topic`` (``None``: nothing committed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+
+
+async def commit_for_group(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
+    """Commit ``offsets`` for ``group`` before any of its members runs."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+
+
+def _missing(seen: set[int], upto: int) -> list[int]:
+    return sorted(set(range(upto)) - seen)
+
+
+def _raw_topic(app: faust.App, name: str, partitions: int):
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                     partitions=partitions)
+
+
+# -- 1. Records fetched at assignment are dropped (#216, #221/PR #223) --------------------------------------
+
+async def check_records_fetched_during_recovery_are_delivered(settings: Settings, transport_cls: type,
+                                                               per_partition: int = 40) -> None:
+    """A fresh group on a new topic (nothing committed) and a table whose changelog holds records, so
+    that a fetch is pending when recovery pauses the changelog and empties the active partition set.
+    Records written to the stream's partitions while recovery ends (where Ferry's worker walks its
+    table) must all reach the agent, and no commit may pass one it did not see."""
+    bootstrap, partitions = settings.require_bootstrap_servers(), 4
+    app = build_app(settings, transport_cls, broker_commit_interval=3600)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    await create_topic(bootstrap, name, partitions)
+    await create_topic(bootstrap, changelog, partitions)
+    await produce(bootstrap, changelog,
+                  {p: [(b"key-%d-%d" % (p, n), b"1") for n in range(20)] for p in range(partitions)})
+
+    seen: dict[int, set[int]] = collections.defaultdict(set)
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen[event.message.partition].add(event.message.offset)
+
+    @table.on_recover
+    async def write_while_recovery_ends() -> None:
+        # Ferry's worker walks its table here; meanwhile records arrive and the fetch that was
+        # pending when recovery paused the changelog hands them over.
+        await produce(bootstrap, name, {p: [(None, b"r")] * per_partition for p in range(partitions)})
+        fetcher = app.consumer._thread._consumer._fetcher
+        held = False
+        for _ in range(100):  # until the fetcher held them and handed them over, at most ~1 s
+            holds = any(tp.topic == name for tp in fetcher._records)
+            if held and not holds:
+                break
+            held = held or holds
+            await asyncio.sleep(0.01)
+
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(app.tables.recovery.completed.is_set, STARTUP_TIMEOUT, "the table's recovery")
+        # One more record per partition: a partition's records arrive in order, so once the agent
+        # has seen this one, an earlier record it has not seen is lost.
+        await produce(bootstrap, name, {p: [(None, b"marker")] for p in range(partitions)})
+        await wait_until(lambda: all(per_partition in seen[p] for p in range(partitions)), 60,
+                         lambda: f"the markers (seen so far: { {p: len(s) for p, s in seen.items()} })")
+        await app.consumer.commit()
+        committed = await committed_offsets(bootstrap, app.conf.id, name)
+    missing = {p: _missing(seen[p], per_partition) for p in range(partitions)}
+    passed_unseen = {p: committed.get(p) for p in range(partitions)
+                     if missing[p] and (committed.get(p) or 0) > missing[p][0]}
+    assert (missing, passed_unseen) == ({p: [] for p in range(partitions)}, {}), (
+        f"never delivered: {missing}; committed past an undelivered record: {passed_unseen}")
+
+
+# -- 2. getmany discards fetched records without seeking back (#216, #221/PR #223) -------------------------
+
+async def check_discarded_records_are_fetched_again(settings: Settings, transport_cls: type,
+                                                    how: Literal["inactive", "flow_stopped"],
+                                                    per_partition: int = 20) -> None:
+    """Records aiokafka handed over while their partition was not active (``inactive``), or while
+    the flow was stopped (``flow_stopped``), must be fetched again: the partition sought back to the
+    first record discarded. The trigger changes Faust's state right after a real fetch returned, as
+    recovery's ``pause_partitions`` and a rebalance's ``stop_flow`` do while a fetch is pending."""
+    bootstrap, partitions = settings.require_bootstrap_servers(), 2
+    app = build_app(settings, transport_cls)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    await create_topic(bootstrap, name, partitions)
+    await produce(bootstrap, name, {p: [(None, b"r")] * per_partition for p in range(partitions)})
+
+    seen: dict[int, set[int]] = collections.defaultdict(set)
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen[event.message.partition].add(event.message.offset)
+
+    consumer = app.consumer
+    target = TP(name, 1)
+    interrupted = asyncio.Event()
+    handed_over: list[int] = []
+    fetch = consumer._getmany
+
+    async def fetch_then_interrupt(active_partitions, timeout):
+        if interrupted.is_set() and target in consumer._paused_partitions:
+            consumer.resume_partitions({target})  # for the next hand-over, as recovery resumes it
+        records = await fetch(active_partitions=active_partitions, timeout=timeout)
+        if not interrupted.is_set() and records.get(target):
+            handed_over.extend(record.offset for record in records[target])
+            interrupted.set()
+            if how == "inactive":
+                consumer.pause_partitions({target})
+            else:
+                consumer.stop_flow()
+        return records
+
+    consumer._getmany = fetch_then_interrupt
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(interrupted.is_set, STARTUP_TIMEOUT, "a fetch holding the target partition's records")
+        if how == "flow_stopped":
+            consumer.resume_flow()  # getmany has already seen the flow stopped
+        await produce(bootstrap, name, {p: [(None, b"marker")] for p in range(partitions)})
+        await wait_until(lambda: all(per_partition in seen[p] for p in range(partitions)), 60,
+                         lambda: f"the markers (seen so far: { {p: sorted(s) for p, s in seen.items()} })")
+    missing = {p: _missing(seen[p], per_partition) for p in range(partitions)}
+    assert missing == {p: [] for p in range(partitions)}, (
+        f"never delivered: {missing} (offsets {handed_over[0]}-{handed_over[-1]} of partition 1 were "
+        f"discarded by getmany, {how})")
+
+
+# -- 2b. A hand-over under way across a rebalance drops the records before it -------------------------------
+
+async def check_a_hand_over_across_a_rebalance_drops_nothing(settings: Settings, transport_cls: type,
+                                                             records: int = 10, target: int = 5) -> None:
+    """The hand-over of record ``target`` to its stream is under way while the group rebalances (the
+    delivery, or the commit the consumer makes before it, waits across the rebalance, as it does
+    while a broker is away). The record reaches the stream with the old generation and the stream
+    skips it; meanwhile the rebalance cleared the stream's buffer and sought the partition back.
+    Every record must still reach the agent: none may be taken for "read already" because a stale
+    hand-over moved the consumer's read offset past it.
+
+    The agent holds the first record until the rebalance is over, so that records 1..target-1 wait
+    in the stream's buffer when the rebalance clears it. The rebalance is a real one: the member
+    asks the broker's group coordinator to rejoin, which starts a new generation.
+    """
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, broker_commit_interval=3600, stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, 1)
+    await create_topic(bootstrap, name, 1)
+    await produce(bootstrap, name, {0: [(None, b"r")] * records})
+
+    seen: set[int] = set()
+    rebalanced = asyncio.Event()
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen.add(event.message.offset)
+            if event.message.offset == 0:
+                await rebalanced.wait()
+
+    consumer = app.consumer
+    on_message = consumer.callback
+
+    async def rejoin() -> None:  # in the consumer's thread, where aiokafka's coordinator lives
+        consumer._thread._ensure_consumer()._coordinator.request_rejoin()
+
+    async def hand_over_across_a_rebalance(message) -> None:
+        if message.topic == name and message.offset == target and not rebalanced.is_set():
+            generation = app.consumer_generation_id
+            await consumer._thread.call_thread(rejoin)
+            await wait_until(lambda: app.consumer_generation_id != generation and not app.rebalancing, 60,
+                             "the rebalance to end")
+            rebalanced.set()
+        await on_message(message)
+
+    consumer.callback = hand_over_across_a_rebalance
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(rebalanced.is_set, STARTUP_TIMEOUT, "the rebalance during the hand-over")
+        await produce(bootstrap, name, {0: [(None, b"marker")]})
+        await wait_until(lambda: records in seen, 60, lambda: f"the marker (seen so far: {sorted(seen)})")
+    assert _missing(seen, records) == [], f"never delivered: {_missing(seen, records)} (seen {sorted(seen)})"
+
+
+# -- 2c. Records handed over while recovery ends are cleared by flow_control.resume() -------------------------
+
+async def check_records_handed_over_before_the_flow_resumes_are_kept(settings: Settings, transport_cls: type,
+                                                                     records: int = 10) -> None:
+    """At the end of a table's recovery Faust resumes the stream partitions, seeks them, and only
+    then resumes the app's flow control, which empties every stream's buffer (mode clears its
+    queues on resume). Records the consumer handed over in between are dropped, and the consumer
+    has moved past them. Every record must still reach the agent.
+
+    The window is held open: the seek at recovery's end returns only once the agent has the
+    first record (or after a few seconds, when the consumer hands nothing over before the flow
+    resumes), and the agent holds that record until the rebalance is over, so that the others
+    wait in its buffer when the flow resumes.
+    """
+    bootstrap, partitions = settings.require_bootstrap_servers(), 1
+    app = build_app(settings, transport_cls, broker_commit_interval=3600, stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    await create_topic(bootstrap, name, partitions)
+    await create_topic(bootstrap, changelog, partitions)
+    await produce(bootstrap, changelog, {0: [(b"key-%d" % n, b"1") for n in range(20)]})  # recovery has work
+    await produce(bootstrap, name, {0: [(None, b"r")] * records})
+
+    seen: set[int] = set()
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen.add(event.message.offset)
+            if event.message.offset == 0:
+                await wait_until(lambda: not app.rebalancing, 60, "the rebalance to end")
+
+    consumer = app.consumer
+    perform_seek = consumer.perform_seek
+
+    async def seek_then_hold_the_window() -> None:
+        await perform_seek()
+        if not app.tables.recovery.completed.is_set():  # recovery's end: the flow resumes next
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await wait_until(lambda: 0 in seen, 3, "the first record")
+
+    consumer.perform_seek = seek_then_hold_the_window
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(app.tables.recovery.completed.is_set, STARTUP_TIMEOUT, "the table's recovery")
+        await produce(bootstrap, name, {0: [(None, b"marker")]})
+        await wait_until(lambda: records in seen, 60, lambda: f"the marker (seen so far: {sorted(seen)})")
+    assert _missing(seen, records) == [], f"never delivered: {_missing(seen, records)} (seen {sorted(seen)})"
+
+
+# -- 3. A commit passes an unacked record (#606) ---------------------------------------------------------------
+
+async def check_commit_stops_at_the_first_unacked_record(settings: Settings, transport_cls: type,
+                                                         committed_before: int | None) -> None:
+    """With offsets head+1..head+9 acked and ``head`` not, a commit must not pass ``head`` (the
+    committed offset stays ``committed_before``, or none); once ``head`` is acked, it reaches head+10.
+
+    ``committed_before=None``: no committed offset, head 0; Faust's ``_new_offset`` skips its check
+    when the committed offset is None or 0. ``committed_before=c``: head c; Faust checks
+    ``min(acked) - committed > 1``, which lets min(acked) = c + 1 through.
+    """
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, broker_commit_interval=3600, broker_commit_every=1_000_000,
+                    stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, 1)
+    await create_topic(bootstrap, name, 1)
+    await produce(bootstrap, name, {0: [(None, b"r")] * 20})
+    if committed_before is not None:
+        await commit_for_group(bootstrap, app.conf.id, {TopicPartition(name, 0): committed_before})
+    head = committed_before or 0
+
+    events = {}
+
+    @app.agent(topic)
+    async def hold(stream):
+        async for event in stream.noack().events():  # acked by the test, in its order
+            events[event.message.offset] = event
+
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(lambda: set(range(head, 20)) <= events.keys(), STARTUP_TIMEOUT, "the records")
+        for offset in range(head + 1, head + 10):
+            events[offset].ack()
+        await app.consumer.commit()
+        with_head_unacked = (await committed_offsets(bootstrap, app.conf.id, name)).get(0)
+        events[head].ack()
+        await app.consumer.commit()
+        with_head_acked = (await committed_offsets(bootstrap, app.conf.id, name)).get(0)
+    assert (with_head_unacked or 0, with_head_acked) == (head, head + 10), (
+        f"offset {head} unacked, {head + 1}-{head + 9} acked: committed {with_head_unacked}; "
+        f"then {head} acked: committed {with_head_acked}")
+
+
+# -- 4. Pending table writes stall every stream (#629) ---------------------------------------------------------
+
+class _ChangelogAcks(Sensor):
+    """Counts the changelog writes Kafka acknowledged."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__()
+        self.topic, self.acked = topic, 0
+
+    def on_send_completed(self, producer, state, metadata) -> None:
+        if metadata.topic == self.topic:
+            self.acked += 1
+
+
+async def check_streams_flow_while_table_writes_wait(settings: Settings, transport_cls: type, table_cls: type,
+                                                     writes: int = 1000, records: int = 50) -> list[int]:
+    """An agent makes ``writes`` table writes in one step (as a catch-up does); records that arrive
+    next must reach the stream while those writes are still on their way to Kafka. Faust holds back
+    every record while more than 100 writes wait in its producer buffer, so it delivers each record
+    only after some 100 more writes were sent, and most of them only once the writes are nearly done.
+    Returns the number of writes pending at each delivery.
+    """
+    bootstrap, partitions = settings.require_bootstrap_servers(), 4
+    app = build_app(settings, transport_cls, table_cls)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
+    acks = _ChangelogAcks(table.changelog_topic.get_topic_name())
+    app.sensors.add(acks)
+    await create_topic(bootstrap, name, partitions)
+    payload = b"x" * 12_000  # one write per producer batch (16 KiB), so the writes take many round trips
+
+    issued = asyncio.Event()
+    pending_at_delivery: list[int] = []
+
+    @app.agent(topic)
+    async def write_then_count(stream):
+        async for event in stream.events():
+            if event.value == b"go":
+                for n in range(writes):
+                    table[b"key-%d" % n] = payload
+                issued.set()
+            else:
+                pending_at_delivery.append(writes - acks.acked)
+
+    async with faust_app_running(app, stop_timeout=60):
+        await produce(bootstrap, name, {0: [(None, b"go")]})
+        await wait_until(issued.is_set, STARTUP_TIMEOUT, "the agent to issue its table writes")
+        await produce(bootstrap, name, {0: [(None, b"r")] * records})
+        await wait_until(lambda: len(pending_at_delivery) == records, 120, "the records")
+        await wait_until(lambda: acks.acked == writes, 120, "the table writes")
+    delivered_while_waiting = sum(pending >= writes // 2 for pending in pending_at_delivery)
+    assert delivered_while_waiting == records, (
+        f"{delivered_while_waiting} of {records} records reached the stream while at least {writes // 2} of "
+        f"{writes} table writes were unacknowledged (writes pending at each delivery: {pending_at_delivery})")
+    return pending_at_delivery

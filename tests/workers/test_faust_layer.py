@@ -1,0 +1,71 @@
+"""Direct reproductions, against a real broker, of the faust-streaming 0.15.3 defects that
+``workers.faust_layer`` fixes; each test fails with Faust's own classes and passes with Ferry's.
+
+The scenarios live in tests/workers/faust_repro.py with the classes under test as parameters.
+Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
+
+- ``test_records_fetched_while_recovery_ends_are_all_delivered``: a fresh group's records handed
+  over while recovery has emptied the active partition set are discarded by ``Consumer.getmany``
+  (consumer.py:758-763), ``perform_seek`` does not rewind a partition without a committed offset
+  (aiokafka ``seek_to_committed``), and the first commit passes them (``_new_offset``,
+  consumer.py:1139). Upstream: #216 (recovery resumes before seeking),
+  #221 and PR #223 (records fetched across a rebalance).
+- ``test_records_getmany_discards_are_fetched_again``: ``getmany`` drops what aiokafka handed over
+  while a partition is not active (consumer.py:758-763) or the flow is stopped (consumer.py:748-749,
+  767-774) without seeking back. Upstream: #216, #221 / PR #223.
+- ``test_a_hand_over_across_a_rebalance_drops_nothing``: a record whose hand-over waits across a
+  rebalance reaches its stream with the old generation and is skipped (streams.py:1287-1300), and
+  ``_drain_messages`` still sets the read offset to it (consumer.py:1220-1223): the records before
+  it, cleared from the stream's buffer and fetched again from the committed offset, are dropped as
+  read already. Upstream: #221 / PR #223 (records of an older generation).
+- ``test_records_handed_over_before_the_flow_resumes_are_kept``: at the end of recovery Faust
+  resumes and seeks the stream partitions, then calls ``flow_control.resume()``, which clears every
+  stream's buffer (mode/utils/queues.py ``FlowControlEvent.resume``; faust/tables/recovery.py
+  ``on_recovery_completed``): records handed over in between are lost, the consumer past them.
+- ``test_a_commit_stops_at_the_first_unacked_record``: ``_new_offset`` skips its head-gap check when
+  nothing is committed (``if committed_offset:``, consumer.py:1139) and lets one unacked head record
+  through when something is (``min(acked) - committed > 1``, consumer.py:1140). Upstream: #606.
+- ``test_streams_keep_flowing_while_table_writes_wait``: the conductor waits for Faust's producer
+  buffer before every record while more than 100 table writes wait in it (transport/producer.py:30,
+  wait_until_ebb; conductor.py:111). Upstream: #173 (producer buffer full).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from app.settings import Settings
+from tests.workers import faust_repro
+from workers.faust_layer import FerryTransport, JobsTable
+
+
+@pytest.mark.timeout(300)
+async def test_records_fetched_while_recovery_ends_are_all_delivered(settings: Settings) -> None:
+    await faust_repro.check_records_fetched_during_recovery_are_delivered(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["inactive", "flow_stopped"])
+async def test_records_getmany_discards_are_fetched_again(settings: Settings, how: str) -> None:
+    await faust_repro.check_discarded_records_are_fetched_again(settings, FerryTransport, how)
+
+
+@pytest.mark.timeout(300)
+async def test_a_hand_over_across_a_rebalance_drops_nothing(settings: Settings) -> None:
+    await faust_repro.check_a_hand_over_across_a_rebalance_drops_nothing(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+async def test_records_handed_over_before_the_flow_resumes_are_kept(settings: Settings) -> None:
+    await faust_repro.check_records_handed_over_before_the_flow_resumes_are_kept(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("committed_before", [None, 5], ids=["nothing-committed", "committed-5"])
+async def test_a_commit_stops_at_the_first_unacked_record(settings: Settings, committed_before: int | None) -> None:
+    await faust_repro.check_commit_stops_at_the_first_unacked_record(settings, FerryTransport, committed_before)
+
+
+@pytest.mark.timeout(300)
+async def test_streams_keep_flowing_while_table_writes_wait(settings: Settings) -> None:
+    await faust_repro.check_streams_flow_while_table_writes_wait(settings, FerryTransport, JobsTable)

@@ -1,0 +1,54 @@
+"""Everything Ferry changes in Faust (faust-streaming 0.15.3), in one place, each defect with its test.
+
+The worker uses Faust through this package alone: its app factory (``app.py``), its consumer
+(``consumer.py``) and its jobs table (``table.py``). Each override fixes a defect where it
+arises; the worker itself works around none.
+
+Each defect, as seen in faust-streaming 0.15.3 (upstream issue), its fix, and the test that
+reproduces it against a real broker and fails without the fix:
+
+1. ``Consumer.getmany`` drops records it fetched (flow stopped by a rebalance, a stale
+   generation, a partition not active as recovery ends) and relies on a seek to the committed
+   offset, a no-op for a partition with no commit: its first records were never delivered
+   (#216, #221 / PR #223). Fix: ``FerryConsumer.getmany`` seeks each partition back to its first
+   undelivered record; ``perform_seek`` sends an uncommitted stream partition to its log start.
+   Tests: ``tests/workers/test_faust_layer.py::test_records_fetched_while_recovery_ends_are_all_delivered``
+   and ``::test_records_getmany_discards_are_fetched_again``.
+2. A record whose hand-over waits across a rebalance (the delivery, or the commit made before
+   it, while a broker is away) reaches its stream with the old generation and is skipped, yet
+   the consumer's read offset moves to it: the records before it, cleared from the stream's
+   buffer and fetched again from the committed offset, are dropped as read already (#221).
+   Fix: ``FerryConsumer._drain_messages`` delivers a record only in the generation it was
+   fetched in, and moves the read offset only if it still is. Test:
+   ``::test_a_hand_over_across_a_rebalance_drops_nothing``.
+3. At the end of a table's recovery Faust resumes and seeks the stream partitions, then resumes
+   the app's flow control, which empties every stream's buffer (mode clears its queues on
+   resume): records handed over in between are dropped, and the consumer has moved past them.
+   Seen as the first job events of a fresh partition never applied. Fix: no stream record is
+   handed over until the rebalance has ended (``FerryConsumer._open``); those fetched earlier are
+   fetched again. Test: ``::test_records_handed_over_before_the_flow_resumes_are_kept``.
+4. A commit passes an unacked head record: ``_new_offset``'s check is off by one, and skipped
+   when nothing was committed yet (#606). Fix: ``FerryConsumer._new_offset`` commits only from
+   the head of the acked run. Test: ``::test_a_commit_stops_at_the_first_unacked_record``.
+5. Over 100 table writes waiting in the producer buffer stop every stream until it ebbs, and
+   ``flush()`` gives up after 0.1 s with writes unsent (#173). Fix: ``JobsTable`` sends its
+   changelog writes itself, in order; ``write`` returns the write's future. Test:
+   ``::test_streams_keep_flowing_while_table_writes_wait``.
+6. Every record is handed over through ``wait_first`` (four tasks per record): on a busy loop
+   the hand-over, not the work, was the limit. Fix: ``FerryConsumer._deliver`` awaits the
+   delivery directly when it cannot block. Test: ``tests/workers/test_transport.py``.
+7. Faust's web views serve any table key (``/table/<name>/<key>/``) and every worker's address;
+   Faust reads ~80 environment variables that override the app's settings. Fix: ``PagesOnlyWeb``
+   and ``create_app(env={})``. Test: ``tests/workers/test_worker_web.py``.
+8. A table's own ``store=`` URL is ignored (a yarl URL without a host is falsy). Fix: the store
+   is set on the app. Test: ``tests/workers/test_jobs_table.py``.
+
+Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
+"""
+
+from workers.faust_layer.app import create_app, group_members, owned_partitions, recovered, uncommitted_requests
+from workers.faust_layer.consumer import FerryConsumer, FerryTransport
+from workers.faust_layer.table import JobsTable, JobStore
+
+__all__ = ["FerryConsumer", "FerryTransport", "JobStore", "JobsTable", "create_app", "group_members",
+           "owned_partitions", "recovered", "uncommitted_requests"]

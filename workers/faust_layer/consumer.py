@@ -1,0 +1,190 @@
+"""Faust's aiokafka consumer with its record drops and early commits fixed where they happen.
+
+See ``workers/faust_layer/__init__.py`` for each defect, its upstream issue and its test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any, cast
+
+from aiokafka import TopicPartition
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from faust.utils.functional import consecutive_numbers
+
+
+class FerryConsumer(faust_aiokafka.Consumer):
+    """Every fetched record is delivered or fetched again; no commit passes an unacked record;
+    a record is delivered without a task of its own when the delivery cannot block."""
+
+    YIELD_EVERY = 100  # records delivered before letting the loop run other tasks
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._first_delivered: dict[TP, int] = {}  # per partition: first offset delivered since the last seek
+        self._discarded: dict[TP, int] = {}  # per partition: first offset of the current batch not delivered
+
+    async def getmany(self, timeout: float) -> AsyncGenerator[tuple[TP, Message], None]:
+        """Faust's ``getmany`` (round robin over partitions), except that a record it does not
+        deliver (flow stopped, generation changed, partition not active) is fetched again: its
+        partition is sought back to it, if still assigned. Faust relied on a seek to the committed
+        offset, which does nothing for a partition without one: its first records were lost."""
+        records, active = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return
+        generation = self.app.consumer_generation_id
+        self._discarded = discarded = cast(dict[TP, int], {})
+        tracked: set[TP] = set()
+        batch = list(self.scheduler.iterate(records))
+        handed = 0  # records of the batch handed to the caller (the last may be under way)
+        try:
+            for tp, record in batch:
+                handed += 1
+                if (tp not in discarded and self._open(tp, generation)
+                        and (active is None or tp in active or tp in self._buffered_partitions)):
+                    if tp not in tracked:  # the log end, for the worker's lag figure
+                        tracked.add(tp)
+                        self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    yield tp, self._to_message(tp, record)
+                else:
+                    discarded.setdefault(tp, record.offset)
+            handed = len(batch) + 1
+        finally:
+            # Left early (the caller failed or stopped): the record under way and the rest are
+            # fetched again too.
+            for tp, record in batch[max(handed - 1, 0):]:
+                discarded.setdefault(tp, record.offset)
+            if discarded:
+                await self._thread.call_thread(self._seek_back, dict(discarded))
+
+    async def _seek_back(self, firsts: dict[TP, int]) -> None:
+        """(In the consumer's thread.) Seek each partition back to its first undelivered record,
+        only backwards and only if it is still assigned (else its next owner reads it)."""
+        consumer = self._thread._ensure_consumer()
+        assignment = consumer._subscription.subscription and consumer._subscription.subscription.assignment
+        for tp, offset in firsts.items():
+            state = assignment.state_value(tp) if assignment else None
+            if state is not None and state.has_valid_position and state.position > offset:
+                consumer.seek(tp, offset)
+
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets at each assignment; a stream partition with no
+        committed offset goes back to its log's start, so that records Faust queued before the
+        rebalance and then cleared are delivered again."""
+        await super().perform_seek()
+        self._first_delivered = {}
+        tables = self.app.tables.changelog_topics
+        uncommitted = [tp for tp in self.assignment()
+                       if tp.topic not in tables and self._committed_offset.get(tp) is None]
+        if uncommitted:
+            await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in uncommitted))
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit: past the acked records that follow the last commit without a gap.
+
+        Faust's version commits past an unacked head record: its check is off by one (#606) and
+        is skipped when nothing was committed yet. Ferry's topics have no offset gaps (no
+        transactions, request and event topics are not compacted), so no gap bookkeeping.
+        """
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        acked.sort()
+        head = self._committed_offset.get(tp)
+        if head is None:
+            head = self._first_delivered.get(tp)
+        if head is None or acked[0] != head:
+            return None
+        batch = next(consecutive_numbers(acked))
+        acked[: len(batch)] = []
+        self._acked_index[tp].difference_update(batch)
+        return batch[-1] + 1
+
+    def _open(self, tp: TP, generation: int | None) -> bool:
+        """Whether a record of ``tp`` fetched in ``generation`` may be handed over now: same
+        generation, flow on, and, for a stream's record, the rebalance over. Until it is, the
+        recovery's ``flow_control.resume()`` empties every stream's buffer (mode clears the queues
+        on resume), so a record handed over earlier would be lost."""
+        return (self.flow_active and generation == self.app.consumer_generation_id
+                and not (self.app.rebalancing and tp.topic not in self.app.tables.changelog_topics))
+
+    def _current(self, message: Message) -> bool:
+        return self._open(message.tp, message.generation_id)
+
+    def _delivery_cannot_block(self, tp: TP) -> bool:
+        app = self.app
+        buffer = app.producer.buffer
+        return (self.flow_active and not self.suspend_flow.is_set() and app.flow_control.is_active()
+                and buffer.size <= buffer.max_messages
+                and not any(channel.queue.full() for channel in cast(Any, app.topics)._tp_index.get(tp, ())))
+
+    async def _deliver(self, message: Message) -> bool:
+        """Hand a record to its streams; False if a rebalance interrupted the hand-over.
+
+        Faust wraps every delivery in ``wait_first(deliver, suspend_flow.wait())``: four tasks per
+        record, a limit on a busy loop. Directly when the delivery cannot block; else Faust's way.
+        """
+        if self._delivery_cannot_block(message.tp):
+            await self.callback(message)
+            return True
+        delivery = asyncio.ensure_future(self.callback(message))
+        suspended = asyncio.ensure_future(self.suspend_flow.wait())
+        await asyncio.wait({delivery, suspended}, return_when=asyncio.FIRST_COMPLETED)
+        suspended.cancel()
+        if delivery.done():
+            delivery.result()
+            return True
+        delivery.cancel()
+        return False
+
+    async def _drain_messages(self, fetcher) -> None:  # the Fetcher service's task
+        read_offsets = self._read_offset
+        since_yield = 0
+        try:
+            while not (self._stopped.is_set() or fetcher._stopped.is_set()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                records = self.getmany(timeout=1.0)
+                await self.sleep(0)  # getmany may return at once, over and over
+                if self.should_stop:
+                    continue
+                try:
+                    async for tp, message in records:
+                        since_yield += 1
+                        if since_yield > self.YIELD_EVERY:
+                            await asyncio.sleep(0)
+                            since_yield = 0
+                        read = read_offsets[tp]
+                        if read is not None and message.offset < read:
+                            continue  # delivered already
+                        if self._commit_every is not None and self._n_acked >= self._commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        # A rebalance while the commit or the delivery waited: the stream skips the
+                        # record (old generation), and the rebalance has sought the partition back;
+                        # the read offset must not move past the records fetched again.
+                        if self._current(message):
+                            self._first_delivered.setdefault(tp, message.offset)
+                            if await self._deliver(message) and self._current(message):
+                                read_offsets[tp] = message.offset
+                                continue
+                        self._discarded.setdefault(tp, message.offset)  # fetched again
+                finally:
+                    await records.aclose()  # now, not when collected: seeks back what was not delivered
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if not self.transport.app.should_stop:
+                raise
+        except asyncio.CancelledError:
+            if not self.transport.app.should_stop:
+                raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class FerryTransport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport, with ``FerryConsumer``."""
+
+    Consumer = FerryConsumer
