@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from app.jobs import JobRequest, JobState, JobStatus, Outcome
@@ -57,6 +58,8 @@ class Maintenance:
     async def resume(self, orphans: list[JobState]) -> None:
         """Start the orphans again, reading their requests a batch at a time."""
         worker, book = self.worker, self.worker.book
+        began, started = time.monotonic(), 0
+        log.info("resuming %d orphaned jobs", len(orphans))
         for first in range(0, len(orphans), RESUME_BATCH):
             batch = orphans[first:first + RESUME_BATCH]
             found = await worker.when_reachable(worker.fetcher.fetch_many, [state.request for state in batch])
@@ -79,6 +82,8 @@ class Maintenance:
                     worker.runner.release_slot()
                 else:
                     worker.start(state, JobRequest.from_bytes(raw), state.request)
+                    started += 1
+        log.info("started %d of %d orphaned jobs again in %.2f s", started, len(orphans), time.monotonic() - began)
 
     async def give_up(self, state: JobState, request: JobRequest) -> None:
         """Fail a poison job, after copying its request to the dead-letter topic."""
