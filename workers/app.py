@@ -123,10 +123,14 @@ class FerryWorker:
     async def _on_shutdown(self, sender, **kwargs) -> None:
         await self.runner.drain(self.settings.worker_shutdown_grace_seconds)
 
+    def owned(self) -> set[int]:
+        """The partitions whose jobs this worker may write now: assigned, not moving, not stopping."""
+        if self.app.should_stop or self.app.rebalancing:
+            return set()
+        return owned_partitions(self.app, self.table.changelog_topic.get_topic_name())
+
     def owns(self, partition: int) -> bool:
-        """Whether this worker may write the partition's jobs: assigned, not moving, not stopping."""
-        return (not (self.app.should_stop or self.app.rebalancing)
-                and partition in owned_partitions(self.app, self.table.changelog_topic.get_topic_name()))
+        return partition in self.owned()
 
     async def _on_recovered(self) -> None:
         self.book.rebuild(owned_partitions(self.app, self.table.changelog_topic.get_topic_name()))
@@ -258,23 +262,22 @@ class FerryWorker:
                 self._sending.discard(event.id)
         self._running.pop(event.id, None)
 
-    async def _write_report(self, event: JobEvent) -> asyncio.Future | None:
-        """Apply an outcome or retry report to the table; returns the write (None: nothing to write)."""
+    async def _write_report(self, event: JobEvent) -> None:
+        """Apply an outcome (once Kafka has it) or a retry report to the table."""
         state = self.book.get(event.id)
         if state is None:
-            return None  # expired and deleted, or never known
+            return  # expired and deleted, or never known
         if event.kind == "retrying":
-            if event.retry is None or state.status is not JobStatus.processing:
-                return None
-            return self.book.put(state.retrying(event.retry))
+            if event.retry is not None and state.status is JobStatus.processing:
+                self.book.put(state.retrying(event.retry))
+            return
         if event.kind != "outcome" or event.outcome is None:
-            return None  # an order from an earlier version
+            return  # an order from an earlier version
         if state.status.is_terminal:
             self.duplicate_outcomes += 1
-            return None
+            return
         write = self.book.put(state.finished(event.outcome))
         await self.book.until_acknowledged(event.id, write, self.owns)
-        return write
 
     async def _apply_job_events(self, stream: faust.StreamT) -> None:
         async for event in cast(faust.Stream, stream).noack().events():

@@ -44,10 +44,10 @@ class Maintenance:
     def orphans(self) -> list[JobState]:
         """Processing jobs of this worker's partitions that no live worker runs, in request order."""
         worker, book = self.worker, self.worker.book
-        members, orphans = group_members(worker.app), []
+        members, owned, orphans = group_members(worker.app), worker.owned(), []
         for job_id in book.processing - worker.runner.in_flight.keys() - worker.in_transit:
             partition = book.partition_of(job_id)
-            if worker.events_pending(partition) or not worker.owns(partition):
+            if worker.events_pending(partition) or partition not in owned:
                 continue
             state = book.get(job_id)
             if (state is not None and state.status is JobStatus.processing and state.request is not None

@@ -90,6 +90,22 @@ def _raw_topic(app: faust.App, name: str, partitions: int):
                      partitions=partitions)
 
 
+async def _stream_and_recovered_table(settings: Settings, app: faust.App,
+                                      partitions: int) -> tuple[str, faust.TopicT, faust.Table]:
+    """A stream topic (its name and Faust topic) and a table whose changelog already holds 20
+    records per partition, so that the app's first assignment has a recovery to run."""
+    bootstrap = settings.require_bootstrap_servers()
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    await create_topic(bootstrap, name, partitions)
+    await create_topic(bootstrap, changelog, partitions)
+    await produce(bootstrap, changelog,
+                  {p: [(b"key-%d-%d" % (p, n), b"1") for n in range(20)] for p in range(partitions)})
+    return name, topic, table
+
+
 # -- 1. Records fetched at assignment are dropped (#216, #221/PR #223) --------------------------------------
 
 async def check_records_fetched_during_recovery_are_delivered(settings: Settings, transport_cls: type,
@@ -100,14 +116,7 @@ async def check_records_fetched_during_recovery_are_delivered(settings: Settings
     table) must all reach the agent, and no commit may pass one it did not see."""
     bootstrap, partitions = settings.require_bootstrap_servers(), 4
     app = build_app(settings, transport_cls, broker_commit_interval=3600)
-    name = f"{settings.topic_prefix}-events"
-    topic = _raw_topic(app, name, partitions)
-    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
-    changelog = table.changelog_topic.get_topic_name()
-    await create_topic(bootstrap, name, partitions)
-    await create_topic(bootstrap, changelog, partitions)
-    await produce(bootstrap, changelog,
-                  {p: [(b"key-%d-%d" % (p, n), b"1") for n in range(20)] for p in range(partitions)})
+    name, topic, table = await _stream_and_recovered_table(settings, app, partitions)
 
     seen: dict[int, set[int]] = collections.defaultdict(set)
 
@@ -273,13 +282,7 @@ async def check_records_handed_over_before_the_flow_resumes_are_kept(settings: S
     """
     bootstrap, partitions = settings.require_bootstrap_servers(), 1
     app = build_app(settings, transport_cls, broker_commit_interval=3600, stream_wait_empty=False)
-    name = f"{settings.topic_prefix}-events"
-    topic = _raw_topic(app, name, partitions)
-    table = app.Table("state", partitions=partitions, key_type=bytes, value_type=bytes)
-    changelog = table.changelog_topic.get_topic_name()
-    await create_topic(bootstrap, name, partitions)
-    await create_topic(bootstrap, changelog, partitions)
-    await produce(bootstrap, changelog, {0: [(b"key-%d" % n, b"1") for n in range(20)]})  # recovery has work
+    name, topic, _ = await _stream_and_recovered_table(settings, app, partitions)
     await produce(bootstrap, name, {0: [(None, b"r")] * records})
 
     seen: set[int] = set()
