@@ -61,7 +61,7 @@ def test_faust_reads_nothing_from_the_environment(monkeypatch, tmp_path) -> None
                               worker_web_port=6123))
     conf = app.conf
     assert (conf.web_bind, conf.web_port) == ("127.0.0.1", 6123)
-    assert not (conf.web_tables_enabled or conf.web_router_enabled or conf.web_stats_enabled or conf.debug)
+    assert not conf.debug
     assert [str(url) for url in conf.broker] == ["kafka://127.0.0.1:9"]
     assert app.web.blueprints._enabled == []  # no Faust view at all
 

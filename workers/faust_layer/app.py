@@ -19,10 +19,7 @@ class PagesOnlyWeb(AiohttpWeb):
     """Faust's aiohttp web server without Faust's own views (``/table/<name>/<key>/`` would serve
     any job's state, ``/router/`` every worker's address): only the pages the worker registers."""
 
-    default_blueprints = ()
-    production_blueprints = ()
-    debug_blueprints = ()
-    optional_blueprints = ()
+    default_blueprints = production_blueprints = debug_blueprints = optional_blueprints = ()
 
 
 # Faust picks its web server class by the ``web`` setting's URL scheme, from this registry.
@@ -32,21 +29,18 @@ web_drivers.DRIVERS.aliases["ferry-pages"] = f"{__name__}:PagesOnlyWeb"
 def create_app(settings: Settings, **overrides) -> faust.App:
     """A Faust app for ``settings``; ``overrides`` are passed to ``faust.App`` (tests use it)."""
     os.makedirs(settings.worker_data_dir, exist_ok=True)  # Faust creates only the last level
-    servers = settings.require_bootstrap_servers().split(",")
     options = dict(
         # Faust reads ~80 variables of its own (WEB_BIND, BROKER_URL...) from the environment, and
         # they win over the values given here: Ferry's settings are the only configuration.
         env={},
-        broker=[f"kafka://{server.strip()}" for server in servers if server.strip()],
-        store="memory://",
+        broker=[f"kafka://{server.strip()}" for server in settings.require_bootstrap_servers().split(",")
+                if server.strip()],
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
         # Ferry's topics are declared or checked by app/topics.py before Faust starts.
         topic_allow_declare=settings.declare_topics,
         topic_disable_leader=True,  # no leader topic: Ferry has no on_leader timers
         web="ferry-pages://", web_port=settings.worker_web_port, web_bind=settings.worker_web_host,
-        web_tables_enabled=False, web_router_enabled=False, web_stats_enabled=False,
-        web_graph_enabled=False, web_metrics_enabled=False,
         autodiscover=False,
         datadir=os.path.join(settings.worker_data_dir, "{conf.name}-data"),
         broker_commit_interval=1.0,  # after a crash, less is taken again than Faust's 2.8 s leaves

@@ -37,25 +37,21 @@ class FerryConsumer(faust_aiokafka.Consumer):
             return
         generation = self.app.consumer_generation_id
         self._discarded = discarded = cast(dict[TP, int], {})
-        tracked: set[TP] = set()
         batch = list(self.scheduler.iterate(records))
-        handed = 0  # records of the batch handed to the caller (the last may be under way)
+        position = 0  # of the record handed to the caller, which may be under way
         try:
-            for tp, record in batch:
-                handed += 1
+            for position, (tp, record) in enumerate(batch):  # noqa: B007 (read by the finally)
                 if (tp not in discarded and self._open(tp, generation)
                         and (active is None or tp in active or tp in self._buffered_partitions)):
-                    if tp not in tracked:  # the log end, for the worker's lag figure
-                        tracked.add(tp)
-                        self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))  # for the lag figure
                     yield tp, self._to_message(tp, record)
                 else:
                     discarded.setdefault(tp, record.offset)
-            handed = len(batch) + 1
+            position = len(batch)
         finally:
             # Left early (the caller failed or stopped): the record under way and the rest are
             # fetched again too.
-            for tp, record in batch[max(handed - 1, 0):]:
+            for tp, record in batch[position:]:
                 discarded.setdefault(tp, record.offset)
             if discarded:
                 await self._thread.call_thread(self._seek_back, dict(discarded))
@@ -111,15 +107,11 @@ class FerryConsumer(faust_aiokafka.Consumer):
         return (self.flow_active and generation == self.app.consumer_generation_id
                 and not (self.app.rebalancing and tp.topic not in self.app.tables.changelog_topics))
 
-    def _current(self, message: Message) -> bool:
-        return self._open(message.tp, message.generation_id)
-
     def _delivery_cannot_block(self, tp: TP) -> bool:
-        app = self.app
-        buffer = app.producer.buffer
-        return (self.flow_active and not self.suspend_flow.is_set() and app.flow_control.is_active()
+        buffer = self.app.producer.buffer
+        return (self.flow_active and not self.suspend_flow.is_set() and self.app.flow_control.is_active()
                 and buffer.size <= buffer.max_messages
-                and not any(channel.queue.full() for channel in cast(Any, app.topics)._tp_index.get(tp, ())))
+                and not any(channel.queue.full() for channel in cast(Any, self.app.topics)._tp_index.get(tp, ())))
 
     async def _deliver(self, message: Message) -> bool:
         """Hand a record to its streams; False if a rebalance interrupted the hand-over.
@@ -141,8 +133,7 @@ class FerryConsumer(faust_aiokafka.Consumer):
         return False
 
     async def _drain_messages(self, fetcher) -> None:  # the Fetcher service's task
-        read_offsets = self._read_offset
-        since_yield = 0
+        delivered = 0
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -152,11 +143,10 @@ class FerryConsumer(faust_aiokafka.Consumer):
                     continue
                 try:
                     async for tp, message in records:
-                        since_yield += 1
-                        if since_yield > self.YIELD_EVERY:
+                        delivered += 1
+                        if delivered % self.YIELD_EVERY == 0:
                             await asyncio.sleep(0)
-                            since_yield = 0
-                        read = read_offsets[tp]
+                        read = self._read_offset[tp]
                         if read is not None and message.offset < read:
                             continue  # delivered already
                         if self._commit_every is not None and self._n_acked >= self._commit_every:
@@ -165,10 +155,10 @@ class FerryConsumer(faust_aiokafka.Consumer):
                         # A rebalance while the commit or the delivery waited: the stream skips the
                         # record (old generation), and the rebalance has sought the partition back;
                         # the read offset must not move past the records fetched again.
-                        if self._current(message):
+                        if self._open(tp, message.generation_id):
                             self._first_delivered.setdefault(tp, message.offset)
-                            if await self._deliver(message) and self._current(message):
-                                read_offsets[tp] = message.offset
+                            if await self._deliver(message) and self._open(tp, message.generation_id):
+                                self._read_offset[tp] = message.offset
                                 continue
                         self._discarded.setdefault(tp, message.offset)  # fetched again
                 finally:
