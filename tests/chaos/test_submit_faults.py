@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 from collections import Counter
+from pathlib import Path
 
 import orjson
 import pytest
@@ -158,7 +159,7 @@ async def test_a_producer_that_fails_for_good_is_replaced(api, ferry_settings: S
 @pytest.mark.timeout(300)
 async def test_a_submit_kafka_confirms_late_names_its_job_and_the_job_can_be_found(
         private_broker, settings: Settings) -> None:
-    """The broker freezes just after the request record is handed to the producer: the answer is
+    """The broker freezes as the request record is handed to the producer: the answer is
     a 503 naming the job, and once the broker thaws the job is there to be polled."""
     await asyncio.to_thread(private_broker.start)
     own = Settings(**(settings.model_dump(exclude={"providers"}) | {
@@ -171,10 +172,12 @@ async def test_a_submit_kafka_confirms_late_names_its_job_and_the_job_can_be_fou
     pid = private_broker.running_pid()
 
     async def freeze_after_the_request(producer, topic, *args):
-        ack = await hand_over(producer, topic, *args)
+        # Frozen before the record is sent, and waited for: a SIGSTOP sent just after the send
+        # raced the broker's answer (CI once saw a 202 here).
         if topic == request_topic_name:
             os.kill(pid, signal.SIGSTOP)
-        return ack
+            await wait_until(lambda: _all_threads_stopped(pid), 30, "the broker to stop")
+        return await hand_over(producer, topic, *args)
 
     try:
         publisher._hand_over = freeze_after_the_request
@@ -198,3 +201,14 @@ async def test_a_submit_kafka_confirms_late_names_its_job_and_the_job_can_be_fou
     finally:
         os.kill(pid, signal.SIGCONT)
         await api.close()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, IndexError):
+            continue
+    return bool(states) and all(state in "tT" for state in states)
