@@ -312,6 +312,54 @@ async def check_records_handed_over_before_the_flow_resumes_are_kept(settings: S
     assert _missing(seen, records) == [], f"never delivered: {_missing(seen, records)} (seen {sorted(seen)})"
 
 
+# -- 2d. With no partition active the fetcher sleeps a whole second, deaf to a resume --------------------------
+
+async def check_an_idle_fetcher_wakes_when_a_partition_is_resumed(settings: Settings, transport_cls: type,
+                                                                  records: int = 5) -> None:
+    """While no partition is active (recovery reading nothing, or all paused), the fetcher must
+    wait for a partition to be resumed, not for a clock: Faust's ``_wait_next_records`` sleeps a
+    whole second, and the stream partitions resumed as recovery ends waited it out before their
+    first fetch, at every rebalance. The consumer's clock is frozen here (its sleeps never end), so
+    a fetcher that waits on the clock never delivers the record written after the resume."""
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, 1)
+    await create_topic(bootstrap, name, 1)
+    await produce(bootstrap, name, {0: [(None, b"r")] * records})
+
+    seen: set[int] = set()
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen.add(event.message.offset)
+
+    consumer = app.consumer
+    wait_next_records = consumer._wait_next_records
+    idle = asyncio.Event()
+
+    async def frozen_clock(seconds: float = 0, *args, **kwargs) -> None:
+        await asyncio.sleep(0 if seconds <= 0 else 3600)
+
+    async def observed(timeout: float):
+        if not consumer._get_active_partitions():
+            idle.set()  # the call below goes idle: nothing awaited in between
+        return await wait_next_records(timeout)
+
+    consumer._wait_next_records = observed
+    async with faust_app_running(app, stop_timeout=10):
+        await wait_until(lambda: records - 1 in seen, STARTUP_TIMEOUT, "the first records")
+        target = TP(name, 0)
+        consumer.sleep = frozen_clock
+        consumer.pause_partitions({target})
+        await wait_until(idle.is_set, 60, "the fetcher to go idle")
+        await produce(bootstrap, name, {0: [(None, b"after the resume")]})
+        consumer.resume_partitions({target})
+        await wait_until(lambda: records in seen, 30,
+                         lambda: f"the record written after the resume (seen so far: {sorted(seen)})")
+
+
 # -- 3. A commit passes an unacked record (#606) ---------------------------------------------------------------
 
 async def check_commit_stops_at_the_first_unacked_record(settings: Settings, transport_cls: type,

@@ -22,6 +22,10 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
   resumes and seeks the stream partitions, then calls ``flow_control.resume()``, which clears every
   stream's buffer (mode/utils/queues.py ``FlowControlEvent.resume``; faust/tables/recovery.py
   ``on_recovery_completed``): records handed over in between are lost, the consumer past them.
+- ``test_an_idle_fetcher_wakes_when_a_partition_is_resumed``: with no partition active,
+  ``_wait_next_records`` sleeps a whole second (consumer.py:806-808) and does not wake when a
+  partition is resumed: the stream partitions resumed as recovery ends waited that second before
+  their first fetch, at every rebalance.
 - ``test_a_commit_stops_at_the_first_unacked_record``: ``_new_offset`` skips its head-gap check when
   nothing is committed (``if committed_offset:``, consumer.py:1139) and lets one unacked head record
   through when something is (``min(acked) - committed > 1``, consumer.py:1140). Upstream: #606.
@@ -58,6 +62,11 @@ async def test_a_hand_over_across_a_rebalance_drops_nothing(settings: Settings) 
 @pytest.mark.timeout(300)
 async def test_records_handed_over_before_the_flow_resumes_are_kept(settings: Settings) -> None:
     await faust_repro.check_records_handed_over_before_the_flow_resumes_are_kept(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+async def test_an_idle_fetcher_wakes_when_a_partition_is_resumed(settings: Settings) -> None:
+    await faust_repro.check_an_idle_fetcher_wakes_when_a_partition_is_resumed(settings, FerryTransport)
 
 
 @pytest.mark.timeout(300)

@@ -27,20 +27,25 @@ reproduces it against a real broker and fails without the fix:
    Seen as the first job events of a fresh partition never applied. Fix: no stream record is
    handed over until the rebalance has ended (``FerryConsumer._open``); those fetched earlier are
    fetched again. Test: ``::test_records_handed_over_before_the_flow_resumes_are_kept``.
-4. A commit passes an unacked head record: ``_new_offset``'s check is off by one, and skipped
+4. With no partition active (recovery reading nothing, all paused), the fetcher sleeps a whole
+   second and does not wake when partitions are resumed: the stream partitions resumed as
+   recovery ends waited out that second before their first fetch, at every rebalance. Fix:
+   ``FerryConsumer._wait_next_records`` waits for a resume instead. Test:
+   ``::test_an_idle_fetcher_wakes_when_a_partition_is_resumed``.
+5. A commit passes an unacked head record: ``_new_offset``'s check is off by one, and skipped
    when nothing was committed yet (#606). Fix: ``FerryConsumer._new_offset`` commits only from
    the head of the acked run. Test: ``::test_a_commit_stops_at_the_first_unacked_record``.
-5. Over 100 table writes waiting in the producer buffer stop every stream until it ebbs, and
+6. Over 100 table writes waiting in the producer buffer stop every stream until it ebbs, and
    ``flush()`` gives up after 0.1 s with writes unsent (#173). Fix: ``JobsTable`` sends its
    changelog writes itself, in order; ``write`` returns the write's future. Test:
    ``::test_streams_keep_flowing_while_table_writes_wait``.
-6. Every record is handed over through ``wait_first`` (four tasks per record): on a busy loop
+7. Every record is handed over through ``wait_first`` (four tasks per record): on a busy loop
    the hand-over, not the work, was the limit. Fix: ``FerryConsumer._deliver`` awaits the
    delivery directly when it cannot block. Test: ``tests/workers/test_transport.py``.
-7. Faust's web views serve any table key (``/table/<name>/<key>/``) and every worker's address;
+8. Faust's web views serve any table key (``/table/<name>/<key>/``) and every worker's address;
    Faust reads ~80 environment variables that override the app's settings. Fix: ``PagesOnlyWeb``
    and ``create_app(env={})``. Test: ``tests/workers/test_worker_web.py``.
-8. A table's own ``store=`` URL is ignored (a yarl URL without a host is falsy). Fix: the store
+9. A table's own ``store=`` URL is ignored (a yarl URL without a host is falsy). Fix: the store
    is set on the app. Test: ``tests/workers/test_jobs_table.py``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.

@@ -79,8 +79,6 @@ def uncommitted_requests(app: faust.App, topics: set[str]) -> dict[str, int]:
     consumer = cast(Any, app.consumer)  # Faust keeps the group's commits in a private mapping
     committed: dict[TP, int | None] = consumer._committed_offset
     ends = app.monitor.tp_end_offsets
-    lag: dict[str, int] = {}
-    for tp in consumer.assignment():
-        if tp.topic in topics and tp in ends:
-            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - (committed.get(tp) or 0))
-    return lag
+    mine = [tp for tp in consumer.assignment() if tp.topic in topics and tp in ends]
+    return {topic: sum(max(0, ends[tp] - (committed.get(tp) or 0)) for tp in mine if tp.topic == topic)
+            for topic in {tp.topic for tp in mine}}

@@ -26,6 +26,7 @@ class FerryConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         self._first_delivered: dict[TP, int] = {}  # per partition: first offset delivered since the last seek
         self._discarded: dict[TP, int] = {}  # per partition: first offset of the current batch not delivered
+        self._resumed = asyncio.Event()  # set when partitions are resumed
 
     async def getmany(self, timeout: float) -> AsyncGenerator[tuple[TP, Message], None]:
         """Faust's ``getmany`` (round robin over partitions), except that a record it does not
@@ -56,6 +57,20 @@ class FerryConsumer(faust_aiokafka.Consumer):
             if discarded:
                 await self._thread.call_thread(self._seek_back, dict(discarded))
 
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, set[TP] | None]:
+        """Faust's, except that with no partition active it waits until one is resumed (up to
+        ``timeout``), not a whole second: the stream partitions resumed as recovery ends waited
+        out that second before their first fetch."""
+        if self.flow_active and not self.app.client_only and not self._get_active_partitions():
+            self._resumed.clear()
+            await self.wait(self._resumed.wait(), timeout=timeout)
+            return {}, set()  # fetched by the next call
+        return await super()._wait_next_records(timeout)
+
+    def resume_partitions(self, tps) -> None:
+        super().resume_partitions(tps)
+        self._resumed.set()
+
     async def _seek_back(self, firsts: dict[TP, int]) -> None:
         """(In the consumer's thread.) Seek each partition back to its first undelivered record,
         only backwards and only if it is still assigned (else its next owner reads it)."""
@@ -72,9 +87,8 @@ class FerryConsumer(faust_aiokafka.Consumer):
         rebalance and then cleared are delivered again."""
         await super().perform_seek()
         self._first_delivered = {}
-        tables = self.app.tables.changelog_topics
-        uncommitted = [tp for tp in self.assignment()
-                       if tp.topic not in tables and self._committed_offset.get(tp) is None]
+        uncommitted = [tp for tp in self.assignment() if tp.topic not in self.app.tables.changelog_topics
+                       and self._committed_offset.get(tp) is None]
         if uncommitted:
             await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in uncommitted))
 
@@ -86,13 +100,10 @@ class FerryConsumer(faust_aiokafka.Consumer):
         transactions, request and event topics are not compacted), so no gap bookkeeping.
         """
         acked = self._acked[tp]
-        if not acked:
-            return None
         acked.sort()
         head = self._committed_offset.get(tp)
-        if head is None:
-            head = self._first_delivered.get(tp)
-        if head is None or acked[0] != head:
+        head = self._first_delivered.get(tp) if head is None else head
+        if not acked or acked[0] != head:  # (never equal to None)
             return None
         batch = next(consecutive_numbers(acked))
         acked[: len(batch)] = []
@@ -108,9 +119,8 @@ class FerryConsumer(faust_aiokafka.Consumer):
                 and not (self.app.rebalancing and tp.topic not in self.app.tables.changelog_topics))
 
     def _delivery_cannot_block(self, tp: TP) -> bool:
-        buffer = self.app.producer.buffer
         return (self.flow_active and not self.suspend_flow.is_set() and self.app.flow_control.is_active()
-                and buffer.size <= buffer.max_messages
+                and self.app.producer.buffer.size <= self.app.producer.buffer.max_messages
                 and not any(channel.queue.full() for channel in cast(Any, self.app.topics)._tp_index.get(tp, ())))
 
     async def _deliver(self, message: Message) -> bool:

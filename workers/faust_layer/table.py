@@ -40,8 +40,7 @@ class JobStore(RocksDBStore):
         return db.get(key) if db is not None else None  # not open: not this worker's partition
 
     def _del(self, key: bytes) -> None:
-        db = self._dbs.get(self._partition(key))
-        if db is not None:
+        if (db := self._dbs.get(self._partition(key))) is not None:
             db.delete(key)
 
     def _contains(self, key: bytes) -> bool:
