@@ -106,6 +106,33 @@ async def _stream_and_recovered_table(settings: Settings, app: faust.App,
     return name, topic, table
 
 
+async def _one_partition_stream(settings: Settings, app: faust.App, records: int,
+                                after_each=None) -> tuple[str, set[int]]:
+    """A one-partition stream topic already holding ``records`` records, and the offsets its agent
+    has seen so far (see ``_collecting_agent``)."""
+    bootstrap = settings.require_bootstrap_servers()
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, 1)
+    await create_topic(bootstrap, name, 1)
+    await produce(bootstrap, name, {0: [(None, b"r")] * records})
+    return name, _collecting_agent(app, topic, after_each)
+
+
+def _collecting_agent(app: faust.App, topic, after_each=None) -> set[int]:
+    """An agent on ``topic`` that notes each record's offset in the set returned, then awaits
+    ``after_each(offset)`` if given."""
+    seen: set[int] = set()
+
+    @app.agent(topic)
+    async def collect(stream):
+        async for event in stream.events():
+            seen.add(event.message.offset)
+            if after_each is not None:
+                await after_each(event.message.offset)
+
+    return seen
+
+
 # -- 1. Records fetched at assignment are dropped (#216, #221/PR #223) --------------------------------------
 
 async def check_records_fetched_during_recovery_are_delivered(settings: Settings, transport_cls: type,
@@ -228,20 +255,13 @@ async def check_a_hand_over_across_a_rebalance_drops_nothing(settings: Settings,
     """
     bootstrap = settings.require_bootstrap_servers()
     app = build_app(settings, transport_cls, broker_commit_interval=3600, stream_wait_empty=False)
-    name = f"{settings.topic_prefix}-events"
-    topic = _raw_topic(app, name, 1)
-    await create_topic(bootstrap, name, 1)
-    await produce(bootstrap, name, {0: [(None, b"r")] * records})
-
-    seen: set[int] = set()
     rebalanced = asyncio.Event()
 
-    @app.agent(topic)
-    async def collect(stream):
-        async for event in stream.events():
-            seen.add(event.message.offset)
-            if event.message.offset == 0:
-                await rebalanced.wait()
+    async def hold_the_first(offset: int) -> None:
+        if offset == 0:
+            await rebalanced.wait()
+
+    name, seen = await _one_partition_stream(settings, app, records, hold_the_first)
 
     consumer = app.consumer
     on_message = consumer.callback
@@ -285,14 +305,11 @@ async def check_records_handed_over_before_the_flow_resumes_are_kept(settings: S
     name, topic, _ = await _stream_and_recovered_table(settings, app, partitions)
     await produce(bootstrap, name, {0: [(None, b"r")] * records})
 
-    seen: set[int] = set()
+    async def hold_the_first(offset: int) -> None:
+        if offset == 0:
+            await wait_until(lambda: not app.rebalancing, 60, "the rebalance to end")
 
-    @app.agent(topic)
-    async def collect(stream):
-        async for event in stream.events():
-            seen.add(event.message.offset)
-            if event.message.offset == 0:
-                await wait_until(lambda: not app.rebalancing, 60, "the rebalance to end")
+    seen = _collecting_agent(app, topic, hold_the_first)
 
     consumer = app.consumer
     perform_seek = consumer.perform_seek
@@ -323,18 +340,7 @@ async def check_an_idle_fetcher_wakes_when_a_partition_is_resumed(settings: Sett
     a fetcher that waits on the clock never delivers the record written after the resume."""
     bootstrap = settings.require_bootstrap_servers()
     app = build_app(settings, transport_cls)
-    name = f"{settings.topic_prefix}-events"
-    topic = _raw_topic(app, name, 1)
-    await create_topic(bootstrap, name, 1)
-    await produce(bootstrap, name, {0: [(None, b"r")] * records})
-
-    seen: set[int] = set()
-
-    @app.agent(topic)
-    async def collect(stream):
-        async for event in stream.events():
-            seen.add(event.message.offset)
-
+    name, seen = await _one_partition_stream(settings, app, records)
     consumer = app.consumer
     wait_next_records = consumer._wait_next_records
     idle = asyncio.Event()
