@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run lint test bench kafka-start kafka-stop kafka-status clean
+.PHONY: install run lint test bench kafka-start kafka-stop kafka-status cluster cluster-stop cluster-status clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Ferry needs Python 3.11+"'
@@ -42,5 +42,15 @@ kafka-stop: install
 kafka-status: install
 	$(PY) -m deploy.kafka status
 
-clean: kafka-stop
+# Three KRaft nodes, replication 3, min.insync.replicas 2 (deploy/kafka/cluster.py), for broker-loss tests.
+cluster: install
+	$(PY) -m deploy.kafka cluster start
+
+cluster-stop: install
+	$(PY) -m deploy.kafka cluster stop
+
+cluster-status: install
+	$(PY) -m deploy.kafka cluster status
+
+clean: kafka-stop cluster-stop
 	rm -rf $(VENV) .local

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         "start a broker (deploy/kafka/locate.py); the API and worker refuse to start.",
     )
     local_kafka_port: int = Field(19092, description="Port of the local development broker.")
+    local_kafka_cluster_port: int = Field(
+        29192, description="First client port of the local three-node cluster (`make cluster`): node n listens "
+        "on this port + 2(n-1) and its controller on the next port (29192-29197 by default)."
+    )
     app_id: str = Field("ferry", description="Faust app id: consumer group and changelog names.")
     topic_prefix: str = Field("ferry", description="Prefix of every request topic name.")
     topic_partitions: int = Field(

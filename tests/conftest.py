@@ -1,5 +1,6 @@
-"""Shared fixtures: one real Kafka broker for the run, isolated settings, a fake provider,
-and Ferry's API and worker running in-process against them (helpers are in tests/helpers.py)."""
+"""Shared fixtures: one real Kafka broker for the run (and a three-node cluster for the tests that
+ask for one), isolated settings, a fake provider, and Ferry's API and worker running in-process
+against them (helpers are in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.register_assert_rewrite("tests.helpers")
 from app.settings import Settings  # noqa: E402
 from deploy.fakes.openai_server import FakeOpenAI  # noqa: E402
 from deploy.kafka.broker import LocalKafka  # noqa: E402
+from deploy.kafka.cluster import LocalKafkaCluster  # noqa: E402
 from deploy.kafka.locate import locate  # noqa: E402
 from tests.helpers import PROVIDER_KEY, ferry_settings_for, free_port_pair, start_api, worker_running  # noqa: E402
 from workers.app import FerryWorker  # noqa: E402
@@ -38,6 +40,26 @@ def private_broker(tmp_path: Path) -> LocalKafka:
     broker = LocalKafka(home=tmp_path / "kafka", port=free_port_pair(), heap="512m")
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def _kafka_cluster_for_session() -> LocalKafkaCluster:
+    """The three-node cluster, started the first time a test asks for it; one that already ran (a
+    developer's `make cluster`) is reused and left running, as the single broker is."""
+    cluster = LocalKafkaCluster(port=Settings().local_kafka_cluster_port)
+    already_running = any(pid is not None for pid in cluster.running().values())
+    cluster.start()
+    yield cluster
+    if not already_running:
+        cluster.stop()
+
+
+@pytest.fixture
+def kafka_cluster(_kafka_cluster_for_session: LocalKafkaCluster) -> LocalKafkaCluster:
+    """The three-node cluster with every node running, for tests that stop, kill and restart nodes
+    (a node an earlier test left down is started again first)."""
+    _kafka_cluster_for_session.start()
+    return _kafka_cluster_for_session
 
 
 @pytest.fixture

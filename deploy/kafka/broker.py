@@ -2,7 +2,8 @@
 
 The broker is Apache Kafka's own jars from Maven Central, fetched once with Maven into
 ``.local/kafka/libs`` (the pom beside this file pins the version) and reused afterwards. One node
-plays both KRaft roles, broker and controller. State lives under ``<home>``:
+plays both KRaft roles, broker and controller; ``cluster.py`` runs three such nodes as one
+cluster. State lives under ``<home>``:
 
     libs/             the jar cache, shared by all homes (a marker records a complete download)
     data/             KRaft metadata and topic logs (formatted once, kept across restarts)
@@ -24,7 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -102,12 +103,23 @@ class LocalKafka:
     ssl_client_truststore_pem: Path | None = None
     sasl_mechanisms: tuple[str, ...] = ("SCRAM-SHA-512",)
     sasl_users: dict[str, str] | None = None
+    # Membership of a cluster (cluster.py); the defaults make a cluster of this node alone. voters:
+    # every controller's node id and controller port (empty: this node's); cluster_id: the id to format
+    # storage with (None: a fresh one); replicas and min_insync_replicas: every topic's defaults,
+    # internal ones too.
+    node_id: int = 1
+    voters: dict[int, int] = field(default_factory=dict)
+    cluster_id: str | None = None
+    replicas: int = 1
+    min_insync_replicas: int = 1
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
         self.jar_cache = Path(self.jar_cache)
         if self.controller_port is None:
             self.controller_port = self.port + 1
+        if not self.voters:
+            self.voters = {self.node_id: self.controller_port}
 
     @property
     def bootstrap_servers(self) -> str:
@@ -193,10 +205,11 @@ class LocalKafka:
         return None
 
     def _write_properties(self) -> None:
+        replicas, min_isr = str(self.replicas), str(self.min_insync_replicas)
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": ",".join(f"{node}@127.0.0.1:{port}" for node, port in self.voters.items()),
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
@@ -206,15 +219,15 @@ class LocalKafka:
             # Topics are declared by the app, with their own partition counts and policies.
             "auto.create.topics.enable": "false",
             "num.partitions": "1",
-            "default.replication.factor": "1",
-            "min.insync.replicas": "1",
-            # A single node: every internal topic has one replica.
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
+            # Internal topics as replicated as the rest (one replica on a single node).
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             # Consumers join at once instead of waiting 3 s for more members.
             "group.initial.rebalance.delay.ms": "0",
             # Compaction and tombstone removal are visible within seconds, not hours.
@@ -264,7 +277,7 @@ class LocalKafka:
             "java", "-cp", f"{self.libs}/*", f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.log_dir}",
             "kafka.tools.StorageTool", "format",
-            "-t", _kafka_uuid(), "-c", str(self.properties_file),
+            "-t", self.cluster_id or _kafka_uuid(), "-c", str(self.properties_file),
         ]
         # SCRAM credentials live in the KRaft metadata: the storage tool writes them at format time.
         if self.sasl_ssl_port is not None:

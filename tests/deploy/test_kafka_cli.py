@@ -40,3 +40,15 @@ def test_a_start_that_cannot_start_still_fails(tmp_path: Path) -> None:
         result = kafka_cli("start", "--home", str(tmp_path / "kafka"), FERRY_LOCAL_KAFKA_PORT=str(port))
     assert result.returncode == 1
     assert f"error: port {port} or {port + 1} is taken" in result.stderr
+
+
+def test_cluster_status_in_a_home_where_no_cluster_ever_ran(tmp_path: Path) -> None:
+    result = kafka_cli("cluster", "status", "--home", str(tmp_path / "cluster"),
+                       FERRY_LOCAL_KAFKA_CLUSTER_PORT=str(free_port()))
+    assert (result.returncode, result.stdout) == (0, "node 1: not running\nnode 2: not running\nnode 3: not running\n")
+
+
+def test_cluster_commands_are_two_words() -> None:
+    assert kafka_cli("cluster").returncode == 2
+    assert kafka_cli("start", "--node", "2").returncode == 2
+    assert kafka_cli("cluster", "status", "--node", "4").returncode == 2
