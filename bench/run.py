@@ -582,8 +582,9 @@ async def scenario_rebalance(bootstrap: str, workdir: Path, plan: Rebalance) -> 
         calls = await fake.final()
         logs = {"first": worker_log_excerpt(first), "joining": worker_log_excerpt(second)}
         clock_offset = time.time() - time.monotonic()
-        assigned = {"first": [round(t - began, 2) for t in assignments(first, clock_offset) if t > began],
-                    "joining": [round(t - began, 2) for t in assignments(second, clock_offset)]}
+        assigned_at = {"first": [t for t in assignments(first, clock_offset) if t > began],
+                       "joining": assignments(second, clock_offset)}
+        assigned = {name: [round(t - began, 2) for t in times] for name, times in assigned_at.items()}
     finally:
         await stack.close()
 
@@ -603,7 +604,19 @@ async def scenario_rebalance(bootstrap: str, workdir: Path, plan: Rebalance) -> 
                          for p in range(partitions)}
         latencies = [job["terminal"] - job["submitted"] for job in jobs.values()
                      if job["terminal"] and at - 1 <= job["submitted"] <= until]
+        # The rebalance the event caused: the first assignment either worker took after it.
+        rebalanced = min((t for times in assigned_at.values() for t in times if at < t <= until), default=None)
+        first_calls: dict[int, float | None] = {}
+        for p in range(partitions):
+            first = min((call[1] for call in ours if partition_of.get(call[0]) == p and call[1] >= (rebalanced or 0)),
+                        default=None)
+            first_calls[p] = round(first - rebalanced, 3) if first is not None and rebalanced is not None else None
         return {"at_s": round(at - began, 2), "window_s": round(until - at, 2),
+                "assigned_s_after": round(rebalanced - at, 2) if rebalanced is not None else None,
+                # Per partition: its first provider call after that assignment (a partition takes
+                # ~rate/partitions jobs a second, so even a partition that never stalled waits a
+                # fraction of a second for its next job).
+                "first_call_per_partition_s_after_assignment": first_calls,
                 "longest_gap_in_completions_s": gap, "gap_began_s_after": gap_at,
                 "longest_gap_in_provider_calls_s": call_gap, "call_gap_began_s_after": call_gap_at,
                 "longest_gap_per_partition_s": per_partition,

@@ -38,6 +38,9 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     accepted = rebalance["jobs_submitted"]
     assert accepted + rebalance["submits_refused"] == 480 and accepted > 0 and rebalance["jobs_lost"] == 0
     assert rebalance["jobs_completed"] + rebalance["jobs_failed"] == accepted and rebalance["jobs_never_called"] == 0
+    for event in ("join", "leave"):  # each rebalance found, and every partition's first call after it timed
+        assert rebalance[event]["assigned_s_after"] is not None
+        assert len(rebalance[event]["first_call_per_partition_s_after_assignment"]) == rebalance["partitions"]
     resume = scenarios["resume"]
     assert resume["calls_before_kill"] == 200 and resume["jobs_started_again"] == 200
     assert resume["all_restarted_s_after_assignment"] is not None
