@@ -102,6 +102,7 @@ class FerryWorker:
         app.agent(self.requests, name="take_requests")(self._take_requests)
         app.agent(self.events, name="apply_job_events")(self._apply_job_events)
         app.timer(settings.worker_maintenance_interval_seconds, name="maintenance")(self._maintain)
+        app.sensors.add(MaintainAfterRebalance(self))
         self.table.on_recover(self._on_recovered)
         # mode types a receiver as taking *args; these take the one argument Faust sends.
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
@@ -154,6 +155,7 @@ class FerryWorker:
                     self._events_backlog.update({tp.partition: ends[tp] for tp in events if starts[tp] < ends[tp]})
         finally:
             self._assignment_noted.set()
+            self.maintain_now()  # if the rebalance ended first (else at its end)
 
     def events_pending(self, partition: int) -> bool:
         """Whether job events that were in Kafka at the assignment are still to be applied."""
@@ -298,8 +300,23 @@ class FerryWorker:
                 self._events_backlog.pop(message.partition, None)
 
     async def _maintain(self) -> None:
+        self.maintain_now()
+
+    def maintain_now(self) -> None:
         if not self.app.rebalancing and self._assignment_noted.is_set():
             self.maintenance.tick()
+
+
+class MaintainAfterRebalance(faust.Sensor):
+    """A maintenance round as soon as a rebalance has ended (recovery included): orphans are
+    resumed at once, not up to the timer's interval later."""
+
+    def __init__(self, worker: FerryWorker) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def on_rebalance_end(self, app: faust.types.AppT, state: dict) -> None:
+        self._worker.maintain_now()
 
 
 def worker_resources(worker: FerryWorker) -> type[mode.Service]:

@@ -152,3 +152,22 @@ async def test_an_outcome_sent_across_a_rebalance_is_not_taken_for_an_orphan(
     finally:
         await api.close()
     assert calls_per_marker(fake_openai) == {"job-0": 1}
+
+
+@pytest.mark.timeout(300)
+async def test_orphans_are_resumed_when_the_assignment_is_ready_not_at_the_next_timer_round(
+        ferry_settings: Settings, fake_openai: FakeOpenAI) -> None:
+    """The maintenance timer's first round is an hour away: the orphans of the worker's first
+    assignment are resumed all the same, by the round run as the rebalance ends."""
+    patient = ferry_settings.model_copy(update={"worker_maintenance_interval_seconds": 3600.0})
+    api = await start_api(patient)
+    try:
+        ids = await submit_all(api, [job_body(f"job-{i}") for i in range(10)])
+        await orphan_them(patient, ids, lambda job_id: GONE)
+        async with worker_running(patient) as worker:
+            await wait_until(lambda: all((s := worker.get(j)) is not None and s.status is JobStatus.completed
+                                         for j in ids), 120, "the orphans to be resumed and finished")
+            assert {worker.get(j).attempts for j in ids} == {2}
+    finally:
+        await api.close()
+    assert calls_per_marker(fake_openai) == {f"job-{i}": 1 for i in range(10)}
