@@ -246,7 +246,9 @@ class Settings(BaseSettings):
     worker_maintenance_interval_seconds: float = Field(
         2.0, gt=0, description="How often a worker looks for expired jobs and orphaned ones."
     )
-    http_max_connections: int = Field(4096, ge=1, description="httpx pool size per worker.")
+    http_max_connections: int = Field(
+        4096, ge=1, description="Provider connections one worker process holds at most (all providers)."
+    )
     http_connect_timeout_seconds: float = Field(10.0, gt=0, description="Provider connect timeout.")
     provider_timeout_seconds: float = Field(
         600.0, gt=0, description="Default whole-call timeout of a provider request."

@@ -31,7 +31,6 @@ import uuid
 from typing import cast
 
 import faust
-import httpx
 import mode
 from faust.types import TP
 from pydantic import ValidationError
@@ -64,8 +63,7 @@ log = logging.getLogger(__name__)
 class FerryWorker:
     """The Faust app with Ferry's table, topics, agents and timer, and the resources they share."""
 
-    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
-                 **app_overrides) -> None:
+    def __init__(self, settings: Settings, **app_overrides) -> None:
         self.settings = settings
         # This process's name in the group (a restarted worker is a new one): jobs record who runs them.
         self.id = f"http://{socket.gethostname()}:{settings.worker_web_port}/{uuid.uuid4().hex}"
@@ -83,7 +81,7 @@ class FerryWorker:
         self.events = app.topic(job_events_topic(settings), config=events_topic_config(settings), **raw)
         self.dead_letters = app.topic(dead_letter_topic(settings), config=dead_letter_topic_config(settings), **raw)
         self.metrics = WorkerMetrics(settings.provider_endpoints)
-        self.caller = ProviderCaller(settings, transport, metrics=self.metrics)
+        self.caller = ProviderCaller(settings, metrics=self.metrics)
         self.fetcher = RequestFetcher(settings)
         self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight, metrics=self.metrics)
         self._running: dict[str, JobState] = {}  # each call in flight: the state it was started with
@@ -94,6 +92,7 @@ class FerryWorker:
         # whose send began before a rebalance and ended after it is in no assignment's backlog.
         self.in_transit: set[str] = set()
         self._sending: set[str] = set()
+        self._owned: tuple[int | None, frozenset[int]] = (None, frozenset())  # per generation
         self._assignment_noted = asyncio.Event()  # Faust may finish recovery before on_assigned
         self._acks: set[asyncio.Task] = set()
         self.duplicate_outcomes = self.possible_duplicate_calls = 0
@@ -124,11 +123,17 @@ class FerryWorker:
     async def _on_shutdown(self, sender, **kwargs) -> None:
         await self.runner.drain(self.settings.worker_shutdown_grace_seconds)
 
-    def owned(self) -> set[int]:
+    def owned(self) -> frozenset[int]:
         """The partitions whose jobs this worker may write now: assigned, not moving, not stopping."""
         if self.app.should_stop or self.app.rebalancing:
-            return set()
-        return owned_partitions(self.app, self.table.changelog_topic.get_topic_name())
+            return frozenset()
+        # Read once per assignment (a generation's assignment does not change): Faust builds the
+        # set anew on each call, and every outcome and resumed job asks.
+        generation = self.app.consumer_generation_id
+        if self._owned[0] != generation:
+            owned = owned_partitions(self.app, self.table.changelog_topic.get_topic_name())
+            self._owned = (generation, frozenset(owned))
+        return self._owned[1]
 
     def owns(self, partition: int) -> bool:
         return partition in self.owned()

@@ -1,4 +1,4 @@
-"""Calling providers: the only module that does provider network I/O (httpx).
+"""Calling providers: the only module that does provider network I/O (aiohttp's client).
 
 ``ProviderCaller.run(request)`` tries the job's targets in order (primary, then fallbacks) and
 returns its ``Outcome``. Each target is called up to ``retry_max_attempts`` times while it fails
@@ -43,17 +43,17 @@ served it, as an error does. Nothing here logs a request's headers: they carry t
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import math
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-import httpx
+import aiohttp
+import certifi
 import orjson
 
 from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType, RetryInfo, Target, utcnow
@@ -62,13 +62,9 @@ from app.providers import ProviderEndpoint
 from app.settings import Settings
 from workers.limits import ProviderLimits
 from workers.providers import ADAPTERS
-from workers.providers.base import HttpResponse, ProviderFailure, UnsupportedRequest
+from workers.providers.base import HttpRequest, HttpResponse, ProviderFailure, UnsupportedRequest
 
 log = logging.getLogger(__name__)
-# httpcore's debug trace logs the exception of a send that failed, and the text of an invalid
-# header's exception holds the header's value: a provider key with a stray newline, say. Its
-# debug records are never emitted, whatever FERRY_LOG_LEVEL is.
-logging.getLogger("httpcore").setLevel(logging.INFO)
 
 
 def _extra_fields(target: Target, request_type: RequestType) -> dict[str, Any]:
@@ -130,42 +126,85 @@ class JobClock:
 OnRetry = Callable[[RetryInfo], Awaitable[None]]
 
 
-# httpcore's pool matches each request against every connection it holds, on every request
-# and every response, so its cost grows with the calls in flight (docs/benchmarks.md has the
-# profile). So the process's connections are split over pools of at most this many, used in turn.
-CONNECTIONS_PER_POOL = 25
+class HeaderNotSendable(ValueError):
+    """A request header whose value is not valid HTTP; the request is not sent. Its text never
+    holds the value (a provider key, in practice)."""
+
+
+def _check_headers(headers) -> None:
+    # RFC 9110 5.5: visible ASCII, with spaces and tabs only between words. aiohttp would send a
+    # trailing space or a non-ASCII byte as is: a key pasted with one fails as a wrong key (401,
+    # the job ends) instead of as a configuration error (the next target serves).
+    for name, value in headers.items():
+        spaced = value.replace("\t", " ")
+        if not (spaced.isascii() and spaced.isprintable()) or spaced != spaced.strip():
+            raise HeaderNotSendable(f"header {name} is not valid HTTP")
+
+
+def _form_value(value: Any) -> str | bytes:
+    """A multipart form field as HTTP form encoders write it: true/false, empty for null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    return value if isinstance(value, (str, bytes)) else str(value)
+
+
+def _body(request: HttpRequest) -> dict[str, Any]:
+    """The request's body as ``ClientSession.request`` arguments: JSON, or a multipart form."""
+    if request.files:
+        form = aiohttp.FormData(quote_fields=False)
+        for name, value in (request.data or {}).items():
+            for item in value if isinstance(value, list) else [value]:
+                form.add_field(name, _form_value(item))
+        for name, (filename, content, content_type) in request.files:
+            form.add_field(name, content, filename=filename, content_type=content_type)
+        return {"data": form}
+    if request.json is not None:
+        return {"data": orjson.dumps(request.json)}  # the adapter's headers say it is JSON
+    return {"data": dict(request.data)} if request.data else {}
+
+
+async def send(session: aiohttp.ClientSession, request: HttpRequest) -> HttpResponse:
+    """Send one request and read its whole answer (no redirect followed)."""
+    _check_headers(request.headers)
+    async with session.request(request.method, request.url, headers=request.headers, allow_redirects=False,
+                               **_body(request)) as reply:
+        return HttpResponse(reply.status, reply.headers, await reply.read())
+
+
+def new_session(settings: Settings) -> aiohttp.ClientSession:
+    """The process's provider client: ``http_max_connections`` connections in all, kept 30 s.
+
+    aiohttp's client, not httpx: about a tenth of the CPU per call (docs/benchmarks.md, measured
+    side by side with ``python -m bench.provider_client``). No cookies are kept (one job's must not
+    reach another's calls); TLS trusts certifi's CA bundle, the same on every image.
+    """
+    connector = aiohttp.TCPConnector(limit=settings.http_max_connections, limit_per_host=0, keepalive_timeout=30.0,
+                                     ssl=ssl.create_default_context(cafile=certifi.where()))
+    # No total bound here: each call is bounded by its provider's timeout or the job's deadline.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout_seconds)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),
+                                 trust_env=False)
 
 
 class ProviderCaller:
-    """Owns the process's httpx clients (``http_max_connections`` in all); started and stopped once."""
+    """Owns the process's provider client (``new_session``); started and stopped once."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics or WorkerMetrics(settings.provider_endpoints)
-        self._transport = transport
-        self._clients: list[httpx.AsyncClient] = []
-        self._turn = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
         self._limits: dict[str, ProviderLimits] = {}
 
     async def start(self) -> None:
-        if self._clients:
-            return
-        # A transport given by the caller is one object: one client owns (and closes) it.
-        pools = 1 if self._transport else math.ceil(self._settings.http_max_connections / CONNECTIONS_PER_POOL)
-        per_pool = math.ceil(self._settings.http_max_connections / pools)
-        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0)
-        timeout = httpx.Timeout(self._settings.provider_timeout_seconds,
-                                connect=self._settings.http_connect_timeout_seconds)
-        # One TLS context for every pool: each client would otherwise build its own and load the CA
-        # bundle again, which blocked the event loop for seconds at start with the default pools.
-        tls = httpx.create_ssl_context()
-        self._clients = [httpx.AsyncClient(limits=limits, timeout=timeout, transport=self._transport, verify=tls,
-                                           follow_redirects=False) for _ in range(pools)]
+        if self._session is None:
+            self._session = new_session(self._settings)
 
     async def stop(self) -> None:
-        clients, self._clients = self._clients, []
-        await asyncio.gather(*(client.aclose() for client in clients))
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def run(self, request: JobRequest, on_retry: OnRetry | None = None) -> Outcome:
         """The job's outcome after trying its targets in order, within the job's deadline."""
@@ -209,8 +248,8 @@ class ProviderCaller:
             await asyncio.sleep(delay)
             call += 1
 
-    async def _measured(self, call: Awaitable[httpx.Response], provider: str,
-                        request_type: RequestType) -> httpx.Response:
+    async def _measured(self, call: Awaitable[HttpResponse], provider: str,
+                        request_type: RequestType) -> HttpResponse:
         """Await one HTTP call, counting it by provider and status, timing it, and holding it in
         the calls-in-flight gauge meanwhile."""
         metrics = self._metrics
@@ -221,12 +260,12 @@ class ProviderCaller:
         status = NO_ANSWER_UNREACHABLE
         try:
             reply = await call
-            status = status_label(reply.status_code)
+            status = status_label(reply.status)
             return reply
-        except (httpx.LocalProtocolError, UnicodeEncodeError):
+        except HeaderNotSendable:
             status = NOT_SENT
             raise
-        except (httpx.TimeoutException, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             status = NO_ANSWER_TIMEOUT  # its own timeout, or the job's deadline (which cancels it)
             raise
         finally:
@@ -272,9 +311,10 @@ class ProviderCaller:
                 f"the request cannot be translated for {target.provider}: {type(exc).__name__}: {exc}"
             error = service_error(400, message, "invalid_request_error", target, rtype)
             return Attempt(Outcome(status_code=400, error=error), try_next=True)
-        if not self._clients:
+        if self._session is None:
             await self.start()  # agents may take jobs before the worker's services have started
-        client = self._clients[next(self._turn) % len(self._clients)]
+        session = self._session
+        assert session is not None
         loop = asyncio.get_running_loop()
         at_deadline = True  # whether the bound in force is the job's deadline (else the provider's timeout)
         sent = False
@@ -289,34 +329,29 @@ class ProviderCaller:
                         bound.reschedule(call_ends)
                     clock.calls += 1
                     sent = True
-                    reply = await self._measured(client.request(
-                        http_request.method, http_request.url, headers=http_request.headers,
-                        json=http_request.json, data=http_request.data, files=http_request.files,
-                        timeout=httpx.Timeout(endpoint.timeout_seconds,
-                                              connect=self._settings.http_connect_timeout_seconds),
-                    ), target.provider, rtype)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, TimeoutError) and at_deadline:
+                    response = await self._measured(send(session, http_request), target.provider, rtype)
+        except TimeoutError as exc:
+            # The bound above is the deadline or the provider's timeout; aiohttp's own (a connect
+            # that took too long) is a ClientError.
+            if at_deadline and not isinstance(exc, aiohttp.ClientError):
                 if sent:
                     clock.last_failure = None  # the call was cut short, it did not fail
                 return clock.exceeded(target, rtype)
             error = service_error(504, "provider request timed out", "timeout_error", target, rtype)
             return Attempt(Outcome(status_code=504, error=error), retry_same=True, try_next=True)
-        except (httpx.LocalProtocolError, UnicodeEncodeError):
+        except HeaderNotSendable:
             # Not sent: a header is not valid HTTP (or not ASCII), in practice a provider key with
-            # a stray newline, space or quote. The exception's text may hold the header's value,
-            # key included: it is not logged.
+            # a stray newline, space or quote.
             log.warning("provider %s: request not sent, a header is not valid HTTP (check the provider key)",
                         target.provider)
             error = service_error(500, f"the request could not be sent to {target.provider}: a request header is "
                                   "not valid HTTP (check the provider key)", "configuration_error", target, rtype)
             return Attempt(Outcome(status_code=500, error=error), try_next=True)
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             log.warning("provider %s unreachable: %s", target.provider, type(exc).__name__)
             error = service_error(502, "could not reach provider", "connection_error", target, rtype)
             return Attempt(Outcome(status_code=502, error=error), retry_same=True, try_next=True)
-        response = HttpResponse(reply.status_code, reply.headers, reply.content)
-        if 200 <= reply.status_code < 300:
+        if 200 <= response.status < 300:
             return self._success(adapter, response, target, request)
         failure = adapter.parse_failure(response)
         return Attempt(Outcome(status_code=failure.status_code, error=provider_error(failure, target, rtype)),

@@ -44,3 +44,12 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     resume = scenarios["resume"]
     assert resume["calls_before_kill"] == 200 and resume["jobs_started_again"] == 200
     assert resume["all_restarted_s_after_assignment"] is not None
+
+
+@pytest.mark.timeout(300)
+def test_the_provider_client_comparison_measures_both_clients() -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.provider_client", "--calls", "40", "--concurrency", "8",
+                          "--rounds", "1"], cwd=REPO_ROOT, check=True, timeout=280, capture_output=True, text=True)
+    measured = json.loads(run.stdout)["results"]["concurrency_8"]
+    assert set(measured) == {"aiohttp", "httpx"}
+    assert all(each["cpu_ms_per_call_median"] > 0 and each["calls_per_s_median"] > 0 for each in measured.values())

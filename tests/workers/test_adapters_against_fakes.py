@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import aiohttp
 import anthropic.types
-import httpx
 import openai.types.chat
 
 from app.jobs import RequestType
 from app.providers import ANTHROPIC, ProviderEndpoint
 from deploy.fakes.anthropic_server import FakeAnthropic
 from deploy.fakes.openai_server import FakeOpenAI
+from workers import caller
 from workers.providers.anthropic import AnthropicAdapter
 from workers.providers.base import HttpRequest, HttpResponse
 from workers.providers.openai_compat import OpenAICompatAdapter
@@ -23,9 +24,9 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"
 
 
 async def send(request: HttpRequest) -> HttpResponse:
-    async with httpx.AsyncClient() as client:
-        reply = await client.request(request.method, request.url, headers=request.headers, json=request.json)
-    return HttpResponse(reply.status_code, reply.headers, reply.content)
+    """Sent as the worker sends it (``workers.caller.send``)."""
+    async with aiohttp.ClientSession() as session:
+        return await caller.send(session, request)
 
 
 def endpoint(name: str, base_url: str) -> ProviderEndpoint:

@@ -58,8 +58,7 @@ async def anthropic() -> FakeAnthropic:
 
 async def run(request: JobRequest, providers: dict, retries: list[RetryInfo] | None = None, **settings) -> Outcome:
     """The job's outcome from a caller with these providers and settings (one call per target by default)."""
-    values = {"retry_max_attempts": 1, "retry_initial_backoff_seconds": 0.01, "retry_max_backoff_seconds": 60.0,
-              "http_max_connections": 25}  # one pool: quick to start
+    values = {"retry_max_attempts": 1, "retry_initial_backoff_seconds": 0.01, "retry_max_backoff_seconds": 60.0}
     caller = ProviderCaller(Settings(providers=providers, **(values | settings)))
     await caller.start()
 
@@ -262,15 +261,3 @@ async def test_a_retry_after_http_date_is_waited_for(primary) -> None:
     assert retry.status_code == 429 and retry.attempt == 1
     # The backoff alone would have been 10 ms at most; the retry was planned for the provider's date.
     assert (retry.next_attempt_at - parsedate_to_datetime(retry_at)).total_seconds() >= -0.005
-
-
-async def test_every_connection_pool_shares_one_tls_context() -> None:
-    # Each httpx client builds its own TLS context (the CA bundle loaded again) unless given one:
-    # with the default pools that blocked a starting worker's event loop for seconds.
-    caller = ProviderCaller(Settings())
-    await caller.start()
-    try:
-        contexts = {id(client._transport._pool._ssl_context) for client in caller._clients}
-        assert len(caller._clients) > 1 and len(contexts) == 1
-    finally:
-        await caller.stop()

@@ -19,7 +19,7 @@ import orjson
 from app.jobs import RequestType, UploadedFile
 from app.providers import ProviderEndpoint
 
-# httpx's multipart file tuple: (form field, (filename, bytes, content type))
+# A multipart file part: (form field, (filename, bytes, content type))
 FilePart = tuple[str, tuple[str, bytes, str]]
 
 
@@ -79,7 +79,7 @@ class ProviderAdapter(Protocol):
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """A header by its lower-case name, whatever case the mapping uses (httpx's is insensitive)."""
+    """A header by its lower-case name, whatever case the mapping uses (the HTTP client's is insensitive)."""
     value = headers.get(name)
     if value is None:
         value = next((v for k, v in headers.items() if k.lower() == name), None)
