@@ -28,6 +28,7 @@ import httpx
 import orjson
 
 from app.settings import Settings
+from bench.run import wait_port
 from deploy.processes import REPO_ROOT, free_port
 from workers.caller import new_session, send
 from workers.providers.base import HttpRequest, HttpResponse
@@ -93,24 +94,13 @@ def _summary(measured: list[dict], calls: int) -> dict:
             "calls_per_s_median": round(statistics.median(calls / r["wall_s"] for r in measured))}
 
 
-async def _wait_port(port: int) -> None:
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"the fake provider did not listen on {port}")
-
-
 async def run(calls: int, concurrencies: list[int], rounds: int) -> dict:
     port = free_port()
     fake = subprocess.Popen([sys.executable, "-m", "bench.recording_fake", "--port", str(port)], cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     results: dict = {}
     try:
-        await _wait_port(port)
+        await wait_port(port)
         for concurrency in concurrencies:
             runs: dict[str, list[dict]] = {"aiohttp": [], "httpx": []}
             for _ in range(rounds):  # alternating, so that drift on the box falls on both alike
