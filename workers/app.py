@@ -218,7 +218,7 @@ class FerryWorker:
             log.info("job %s: starting again (attempt %d)", state.id, started.attempts)
         write = self.book.put(started)
         self._running[state.id] = started
-        self.runner.launch(request)
+        self.runner.launch(request, after=write)
         return write
 
     def _ack_after(self, event: faust.EventT, written: tuple[str, asyncio.Future] | None) -> None:

@@ -78,14 +78,19 @@ class JobRunner:
     def release_slot(self) -> None:
         self._slots.release()
 
-    def launch(self, request: JobRequest) -> None:
-        """Start the job's provider call; a slot must have been taken with ``wait_for_slot``."""
-        self.in_flight[request.id] = asyncio.create_task(self._run(request), name=f"job-{request.id}")
+    def launch(self, request: JobRequest, after: asyncio.Future | None = None) -> None:
+        """Start the job's provider call, once ``after`` (its ``processing`` write) is done; a slot
+        must have been taken with ``wait_for_slot``."""
+        self.in_flight[request.id] = asyncio.create_task(self._run(request, after), name=f"job-{request.id}")
 
-    async def _run(self, request: JobRequest) -> None:
+    async def _run(self, request: JobRequest, after: asyncio.Future | None) -> None:
         self._metrics.queue_wait.labels(request.request_type.value).observe(
             max(0.0, (utcnow() - request.created_at).total_seconds()))
         try:
+            if after is not None:
+                # The attempt is counted in Kafka before the call: a job whose call kills its
+                # worker at once (poison) is still abandoned after job_max_attempts calls.
+                await asyncio.wait([after])
             try:
                 outcome = await self._caller.run(request, on_retry=lambda retry: self._report_retry(request, retry))
             except Exception:
