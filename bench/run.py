@@ -457,6 +457,14 @@ def longest_gap(start: float, end: float, times: list[float]) -> tuple[float, fl
     return round(length, 3), round(at - start, 3)
 
 
+def first_after(moment: float | None, times: list[float]) -> float | None:
+    """Seconds from ``moment`` to the first of ``times`` at or after it; None if none, or no moment."""
+    if moment is None:
+        return None
+    first = min((t for t in times if t >= moment), default=None)
+    return round(first - moment, 3) if first is not None else None
+
+
 # Worker log lines worth a reader's eye: problems, and Faust's note that the event loop was blocked.
 FLAGGED = ("WARNING", "ERROR", "CRITICAL", "Traceback", "woke up too late")
 
@@ -594,23 +602,19 @@ async def scenario_rebalance(bootstrap: str, workdir: Path, plan: Rebalance) -> 
     partition_of = {marker: partition_for(job["id"], partitions) for marker, job in jobs.items() if job["id"]}
     completions = [job["terminal"] for job in jobs.values() if job["terminal"]]
     starts = [call[1] for call in ours]
+    call_times = {p: [call[1] for call in ours if partition_of.get(call[0]) == p] for p in range(partitions)}
     end = began + plan.seconds
 
     def around(event: str, until: float) -> dict:
         at = events[event]
         gap, gap_at = longest_gap(at, until, completions)
         call_gap, call_gap_at = longest_gap(at, until, starts)
-        per_partition = {p: longest_gap(at, until, [call[1] for call in ours if partition_of.get(call[0]) == p])[0]
-                         for p in range(partitions)}
+        per_partition = {p: longest_gap(at, until, times)[0] for p, times in call_times.items()}
         latencies = [job["terminal"] - job["submitted"] for job in jobs.values()
                      if job["terminal"] and at - 1 <= job["submitted"] <= until]
         # The rebalance the event caused: the first assignment either worker took after it.
         rebalanced = min((t for times in assigned_at.values() for t in times if at < t <= until), default=None)
-        first_calls: dict[int, float | None] = {}
-        for p in range(partitions):
-            first = min((call[1] for call in ours if partition_of.get(call[0]) == p and call[1] >= (rebalanced or 0)),
-                        default=None)
-            first_calls[p] = round(first - rebalanced, 3) if first is not None and rebalanced is not None else None
+        first_calls = {p: first_after(rebalanced, times) for p, times in call_times.items()}
         return {"at_s": round(at - began, 2), "window_s": round(until - at, 2),
                 "assigned_s_after": round(rebalanced - at, 2) if rebalanced is not None else None,
                 # Per partition: its first provider call after that assignment (a partition takes
@@ -624,9 +628,7 @@ async def scenario_rebalance(bootstrap: str, workdir: Path, plan: Rebalance) -> 
                 "submit_to_terminal_p99_s": percentile(latencies, 0.99)}
 
     quiet_from = began + 1
-    baseline = {p: longest_gap(quiet_from, events["join"], [call[1] for call in ours
-                                                           if partition_of.get(call[0]) == p])[0]
-                for p in range(partitions)}
+    baseline = {p: longest_gap(quiet_from, events["join"], times)[0] for p, times in call_times.items()}
     submitted = [job for job in jobs.values() if job["id"]]
     statuses = Counter(job["status"] for job in submitted if job["terminal"])
     lost = [(marker, job) for marker, job in jobs.items() if job["id"] and not job["terminal"]]

@@ -171,7 +171,7 @@ async def test_a_submit_kafka_confirms_late_names_its_job_and_the_job_can_be_fou
     request_topic_name = request_topic(own, RequestType.chat_completion)
     pid = private_broker.running_pid()
 
-    async def freeze_after_the_request(producer, topic, *args):
+    async def freeze_as_the_request_is_sent(producer, topic, *args):
         # Frozen before the record is sent, and waited for: a SIGSTOP sent just after the send
         # raced the broker's answer (CI once saw a 202 here).
         if topic == request_topic_name:
@@ -180,7 +180,7 @@ async def test_a_submit_kafka_confirms_late_names_its_job_and_the_job_can_be_fou
         return await hand_over(producer, topic, *args)
 
     try:
-        publisher._hand_over = freeze_after_the_request
+        publisher._hand_over = freeze_as_the_request_is_sent
         try:
             response = await api.post(CHAT, json=job_body("late"))
         finally:

@@ -103,7 +103,7 @@ class FerryConsumer(faust_aiokafka.Consumer):
         acked.sort()
         head = self._committed_offset.get(tp)
         head = self._first_delivered.get(tp) if head is None else head
-        if not acked or acked[0] != head:  # (never equal to None)
+        if not acked or acked[0] != head:  # head None (nothing delivered or committed): no commit
             return None
         batch = next(consecutive_numbers(acked))
         acked[: len(batch)] = []
