@@ -82,6 +82,21 @@ def settings(kafka_bootstrap: str, unique_id: str, tmp_path: Path) -> Settings:
     asyncio.run(delete_topics(kafka_bootstrap, f"ferry-{unique_id}"))
 
 
+@pytest.fixture
+def cluster_settings(kafka_cluster: LocalKafkaCluster, unique_id: str, tmp_path: Path) -> Settings:
+    """Settings of this test's own on the three-node cluster: Ferry's topics at three replicas
+    (``min.insync.replicas`` 2), so any one node can be lost; the topics are deleted after."""
+    yield Settings(
+        kafka_bootstrap_servers=kafka_cluster.bootstrap_servers,
+        topic_replication_factor=3,
+        worker_data_dir=str(tmp_path / "faust"),
+        app_id=f"ferry-{unique_id}",
+        topic_prefix=f"ferry-{unique_id}",
+        topic_partitions=4,
+    )
+    asyncio.run(delete_topics(kafka_cluster.bootstrap_servers, f"ferry-{unique_id}"))
+
+
 async def delete_topics(bootstrap_servers: str, prefix: str) -> None:
     """Delete the topics whose names start with ``prefix`` (best effort).
 
