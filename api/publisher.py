@@ -11,15 +11,23 @@ changelog partition and can only happen after it has read the request, so it alw
 after the ``pending`` record and a compacted changelog never ends on a stale ``pending``.
 
 What a refusal means. The request record is what makes a job run, so each answer follows from
-what is known about it when the submit's time (``submit_timeout_seconds``) is up:
+what is known about it:
 
-- ``PublishRefused`` (503): the request record was never handed to the producer, or Kafka
-  refused it. The job will not run. A ``pending`` record that may have been written is deleted
-  (a tombstone, sent until Kafka takes it, ordered after the record by the idempotent producer).
-- ``PublishUncertain`` (503 naming the job): the request record was handed over but not
-  acknowledged in time, so it may still be written. The job keeps its ``pending`` record and
-  its id is returned, so the client can poll it instead of submitting twice; if Kafka then
-  refuses the record, the pending record is deleted and the poll answers 404.
+- ``PublishRefused`` (503): the request record was not handed to the producer within the
+  submit's time (``submit_timeout_seconds``), or Kafka refused it. The job will not run. A
+  ``pending`` record that may have been written is deleted (a tombstone, sent until Kafka takes
+  it, ordered after the record by the idempotent producer).
+- ``PublishUncertain`` (503 naming the job): the request record was sent but its produce
+  request timed out (a broker that froze, a connection cut after the send), so it may still be
+  written. The job keeps its ``pending`` record and its id is returned, so the client can poll
+  it instead of submitting twice; if Kafka then refuses the record, the pending record is
+  deleted and the poll answers 404.
+
+Once the request record is handed over, the submit waits for the producer's verdict rather
+than answering at its deadline: the producer's own timeout is the submit timeout, so the
+verdict comes soon after (at most one more produce request's timeout). A submit that outlives
+a broker failover (the dead node fenced and a new leader elected in about 3 s with the brokers'
+settings in the README) is then a late 202, not a 503 for a job that runs anyway.
 
 A producer whose sender has died (aiokafka's idempotent producer does, with
 ``OutOfOrderSequenceNumber``, after a batch expired while its partition had no leader) can never
@@ -39,10 +47,12 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidProducerEpoch,
+    KafkaConnectionError,
     KafkaError,
     OutOfOrderSequenceNumber,
     ProducerClosed,
     ProducerFenced,
+    RequestTimedOutError,
     UnknownProducerId,
 )
 
@@ -57,8 +67,14 @@ log = logging.getLogger(__name__)
 # Errors after which an idempotent producer's sender is gone for good.
 FATAL_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, ProducerFenced, InvalidProducerEpoch, UnknownProducerId,
                          ProducerClosed)
+# Errors after which a sent record may still be written: its produce request went unanswered
+# (timed out, or the connection closed under it). A broker never reached (NodeNotReadyError)
+# or one that answered with an error did not take it.
+MAYBE_WRITTEN_ERRORS = (RequestTimedOutError, KafkaConnectionError)
 # How long a readiness answer is reused: probes come every few seconds per replica.
 PROBE_CACHE_SECONDS = 1.0
+# How long readiness waits for the brokers' metadata: under the probes' own 3 s timeout.
+PROBE_TIMEOUT_SECONDS = 2.0
 # How long stopping waits for clean-up writes (tombstones of refused submits) still under way.
 STOP_GRACE_SECONDS = 5.0
 # Waits between connection attempts and between tombstone resends, in seconds.
@@ -112,7 +128,9 @@ class JobPublisher:
             linger_ms=1,  # a millisecond of batching buys far more throughput than it costs
             max_batch_size=256 * 1024,
             max_request_size=max_message_bytes(self._settings),
-            request_timeout_ms=10_000,
+            # A batch is retried (a new leader after a failover) until the submit's time is up,
+            # and then fails: the verdict a waiting submit answers with.
+            request_timeout_ms=int(self._settings.submit_timeout_seconds * 1000),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -197,7 +215,7 @@ class JobPublisher:
     async def _leaders_known(self, producer: AIOKafkaProducer) -> bool:
         topics = [changelog_topic(self._settings), *request_topics(self._settings)]
         try:
-            async with asyncio.timeout(self._settings.submit_timeout_seconds):
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
                 metadata = await producer.client.fetch_all_metadata()
         except (TimeoutError, KafkaError):
             return False
@@ -212,8 +230,8 @@ class JobPublisher:
     # -- publishing -------------------------------------------------------------------------------
 
     async def publish(self, request: JobRequest) -> None:
-        """Store the job durably, or raise ``PublishRefused`` / ``PublishUncertain`` within the
-        submit timeout (see the module docstring), or ``JobNotStorable`` before any write."""
+        """Store the job durably, or raise ``PublishRefused`` / ``PublishUncertain`` (see the
+        module docstring), or ``JobNotStorable`` before any write."""
         try:
             pending = JobState.pending(request).to_bytes()
             payload = request.to_bytes()
@@ -236,8 +254,16 @@ class JobPublisher:
 
         request_ack = await self._hand_over(producer, request_topic(self._settings, request.request_type), payload,
                                             key, partition, deadline)
-        acknowledged = await self._acknowledged(producer, request_ack, deadline) if request_ack else False
-        if request_ack is None or acknowledged is None:  # never sent, or refused by Kafka
+        if request_ack is None:  # never sent
+            self._in_background(self._forget(request.id, partition))
+            raise PublishRefused("Kafka did not take the job in time", self.retry_after_seconds())
+        # The producer gives up on the record a submit timeout after taking it, and a produce
+        # request already sent can take one timeout more: the verdict comes by then.
+        verdict_by = deadline + 2 * self._settings.submit_timeout_seconds
+        acknowledged = await self._acknowledged(producer, request_ack, verdict_by)
+        if acknowledged is None and _maybe_written(request_ack):
+            raise PublishUncertain(request.id, "Kafka did not confirm the job", self.retry_after_seconds())
+        if acknowledged is None:
             self._in_background(self._forget(request.id, partition))
             raise PublishRefused("Kafka did not store the job", self.retry_after_seconds())
         if not acknowledged:
@@ -275,6 +301,8 @@ class JobPublisher:
         """After an uncertain answer: if Kafka refuses the request after all, delete the job."""
         try:
             await asyncio.shield(request_ack)
+        except MAYBE_WRITTEN_ERRORS:
+            pass  # still uncertain: the pending record stays, for the client's poll
         except KafkaError:
             await self._forget(job_id, partition)
 
@@ -299,6 +327,11 @@ class JobPublisher:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _maybe_written(ack: asyncio.Future[Any]) -> bool:
+    """Whether a failed send's record may still have been written (see MAYBE_WRITTEN_ERRORS)."""
+    return not ack.cancelled() and isinstance(ack.exception(), MAYBE_WRITTEN_ERRORS)
 
 
 def _sender_died(producer: AIOKafkaProducer) -> bool:

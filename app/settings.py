@@ -206,7 +206,10 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest accepted submit body; larger is 413."
     )
     submit_timeout_seconds: float = Field(
-        1.0, gt=0, description="How long a submit waits for Kafka's ack before answering 503."
+        5.0, gt=0, description="How long a submit waits for Kafka to store the job (acknowledged by "
+        "every in-sync replica) before answering 503. Above the brokers' failover time (a dead node "
+        "fenced and a new leader elected: about 3 s with the broker settings in the README), so that "
+        "losing a broker delays submits instead of refusing them."
     )
     read_wait_seconds: float = Field(
         2.0, ge=0, description="How long a poll of an unknown id waits for the API's view of "

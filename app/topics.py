@@ -30,7 +30,13 @@ from typing import Literal
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from aiokafka.partitioner import murmur2
 
 from app.jobs import RequestType
@@ -248,7 +254,11 @@ async def _started_admin(settings: Settings) -> AIOKafkaAdminClient:
 
 
 async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, ExistingTopic]:
-    """The topics among ``names`` that exist, as the brokers describe them."""
+    """The topics among ``names`` that exist, as the brokers describe them.
+
+    A topic just created (by this process or another starting beside it) reaches each broker's
+    metadata in turn: one broker may list it while the next one asked does not know it yet. Such
+    a topic is left out, as if it did not exist yet (``_describe_until_visible`` asks again)."""
     # Only names the cluster lists are described: a metadata request for a missing topic
     # would create it on brokers that have auto.create.topics.enable on.
     existing = set(await admin.list_topics())
@@ -261,6 +271,8 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, E
     configs: dict[str, dict[str, str]] = {}
     for response in responses:
         for error_code, error_message, _type, name, entries, *_ in response.resources:
+            if error_code == UnknownTopicOrPartitionError.errno:
+                continue  # listed by one broker, not yet known to the one asked
             if error_code:
                 raise TopicsNotReady(
                     f"cannot read the configs of topic {name}: {for_code(error_code).__name__} "
@@ -268,6 +280,8 @@ async def _describe(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, E
             configs[name] = {entry[0]: entry[1] for entry in entries}
     found = {}
     for name in present:
+        if name not in configs or metadata[name]["error_code"]:
+            continue
         partitions = metadata[name]["partitions"]
         replicas = len(partitions[0]["replicas"]) if partitions else 0
         found[name] = ExistingTopic(len(partitions), replicas, configs.get(name, {}))
@@ -284,13 +298,16 @@ async def _create(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
         raise TopicsNotReady("creating Kafka topics failed (FERRY_DECLARE_TOPICS=true needs the Create ACL; "
                              "or set it to false and create them as README \"Topics\" says): " + "; ".join(failures))
     log.info("declared %d topics", len(specs))
-    # A topic is visible in every broker's metadata only a moment after the controller created it.
-    names = [spec.name for spec in specs]
+
+
+async def _describe_until_visible(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, ExistingTopic]:
+    """``_describe`` after topics were created, asked again until every broker asked knows each
+    one (the controller's metadata reaches the brokers a moment apart), or the time is up."""
     deadline = asyncio.get_running_loop().time() + CREATED_VISIBLE_TIMEOUT_SECONDS
-    while asyncio.get_running_loop().time() < deadline:
-        described = await admin.describe_topics(names)
-        if all(d["error_code"] == 0 and d["partitions"] for d in described):
-            return
+    while True:
+        found = await _describe(admin, names)
+        if len(found) == len(names) or asyncio.get_running_loop().time() > deadline:
+            return found
         await asyncio.sleep(0.1)
 
 
@@ -309,7 +326,7 @@ async def declare_topics(settings: Settings, used_by: Process | None = None) -> 
         missing = [spec for spec in specs if spec.name not in found]
         if settings.declare_topics and missing:
             await _create(admin, missing)
-            found = await _describe(admin, [spec.name for spec in specs])
+            found = await _describe_until_visible(admin, [spec.name for spec in specs])
     except KafkaError as exc:
         raise TopicsNotReady(f"checking Ferry's Kafka topics failed: {type(exc).__name__}: {exc}") from None
     finally:

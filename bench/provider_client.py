@@ -28,7 +28,7 @@ import httpx
 import orjson
 
 from app.settings import Settings
-from bench.run import wait_port
+from bench.stack import wait_port
 from deploy.processes import REPO_ROOT, free_port
 from workers.caller import new_session, send
 from workers.providers.base import HttpRequest, HttpResponse

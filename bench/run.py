@@ -10,8 +10,12 @@ through GET at fixed offered rates, zero-latency provider), ``inflight`` (provid
 one worker), ``backlog`` (jobs queued before the worker starts: drain rate, worker RSS over
 time), ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs), ``rebalance``
 (steady load while a second worker joins, then leaves on SIGTERM: the longest stretch without
-completions, lost jobs, provider calls made twice) and ``resume`` (a worker SIGKILLed with
-every job's call in flight: how soon its replacement has started each one again, and its CPU).
+completions, lost jobs, provider calls made twice), ``resume`` (a worker SIGKILLed with
+every job's call in flight: how soon its replacement has started each one again, and its CPU),
+and two on the local three-node cluster: ``failover`` (a leader node SIGKILLed, a follower
+SIGKILLed, a rolling restart with SIGTERM, each under steady load: 503s, submit latency, lost
+jobs; ``bench/cluster_faults.py``) and ``scale`` (completed jobs/s and CPU per job of each
+process kind with 1, 2 and 3 workers; ``bench/scale.py``).
 
 Each run writes ``results.json`` and ``chart.png`` under ``bench/results/<UTC time>/``. The load
 generator (``bench/load.py``) runs in its own process and reports its own CPU.
@@ -21,32 +25,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-from aiokafka.admin import AIOKafkaAdminClient
 
-from app.kafka_clients import client_options
 from app.settings import Settings
 from app.topics import declare_topics, partition_for
+from bench.cluster_faults import KINDS as FAULT_KINDS
+from bench.cluster_faults import BrokerFault, scenario_failover
 from bench.load import CHAT
+from bench.scale import Scale, scenario_scale
+from bench.stack import (
+    RecordingFake,
+    Sampler,
+    Stack,
+    first_after,
+    longest_gap,
+    marked_body,
+    percentile,
+    pid_of,
+    post_job,
+    stack_settings,
+    submit_many,
+    wait_all_terminal,
+    wait_port,
+)
+from deploy.kafka.cluster import LocalKafkaCluster
 from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
-SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume")
+SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume", "failover", "scale")
+# These run on the local three-node cluster (started for them when it does not run), the rest on one broker.
+CLUSTER_SCENARIOS = ("failover", "scale")
 
 
 @dataclass
@@ -61,73 +82,24 @@ class Sizes:
     rebalance_rate: int = 50
     rebalance_seconds: float = 40  # a worker joins at a quarter of it and leaves at five eighths
     resume_jobs: int = 10_000
+    failover_rate: int = 100
+    failover_seconds: float = 40
+    failover_kinds: tuple[str, ...] = FAULT_KINDS
+    scale_rate: int = 400
+    scale_seconds: float = 25
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300, warmup_rate=50,
-                   warmup_seconds=1, rebalance_rate=20, rebalance_seconds=24, resume_jobs=200)
+                   warmup_seconds=1, rebalance_rate=20, rebalance_seconds=24, resume_jobs=200,
+                   failover_rate=20, failover_seconds=10, failover_kinds=("leader",), scale_rate=50,
+                   scale_seconds=8)
 
 
-class Sampler:
-    """RSS and CPU of some processes, sampled from /proc every ``interval`` seconds."""
-
-    def __init__(self, pids: dict[str, int], interval: float = 0.5) -> None:
-        self.pids = pids
-        self.interval = interval
-        self.series: dict[str, list[tuple[float, float, float]]] = {name: [] for name in pids}  # t, MB, cpu s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._began = time.monotonic()
-
-    @staticmethod
-    def read(pid: int) -> tuple[float, float]:
-        with open(f"/proc/{pid}/status") as status:
-            rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return rss_kb / 1024, (int(fields[11]) + int(fields[12])) / ticks
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic() - self._began
-            for name, pid in self.pids.items():
-                try:
-                    rss, cpu = self.read(pid)
-                except (OSError, StopIteration):
-                    continue
-                self.series[name].append((round(now, 2), round(rss, 1), round(cpu, 2)))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self, name: str) -> dict:
-        points = self.series[name]
-        if len(points) < 2:
-            return {}
-        span = points[-1][0] - points[0][0]
-        return {"rss_mb_first": points[0][1], "rss_mb_last": points[-1][1], "rss_mb_max": max(p[1] for p in points),
-                "cpu_percent": round(100 * (points[-1][2] - points[0][2]) / span, 1) if span else None}
 
 
-def _pid(process: FerryProcess) -> int:
-    """The id of a process the harness has started."""
-    if process.pid is None:
-        raise RuntimeError(f"python -m {process.module} was not started")
-    return process.pid
 
 
-def percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
 
 
 def latency_summary(load: dict, ok_status: int) -> dict:
@@ -143,77 +115,8 @@ def latency_summary(load: dict, ok_status: int) -> dict:
             "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1)}
 
 
-@dataclass
-class Stack:
-    """The processes of one run, started on demand and stopped at the end."""
-
-    settings: Settings
-    workdir: Path
-    processes: list[FerryProcess] = field(default_factory=list)
-
-    def start(self, module: str, *args: str, **env: str) -> FerryProcess:
-        process = FerryProcess(module, self.settings, self.workdir / f"{module}-{len(self.processes)}",
-                               *args, **env).start()
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate(30)
-
-    async def close(self) -> None:
-        """Stop the processes, then delete the run's topics: a broker that keeps every run's
-        topics (14 topics of 8 partitions each) gets slower, and later figures noisier."""
-        self.stop()
-        admin = AIOKafkaAdminClient(**client_options(self.settings))
-        await admin.start()
-        try:
-            prefixes = (f"{self.settings.topic_prefix}-", f"{self.settings.app_id}-")
-            ours = [topic for topic in await admin.list_topics() if topic.startswith(prefixes)]
-            if ours:
-                await admin.delete_topics(ours)
-        finally:
-            await admin.close()
-
-    async def wait_ready(self, url: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        # A process whose event loop is busy does not answer: each try gives up after a second.
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
-            while time.monotonic() < deadline:
-                try:
-                    async with session.get(url) as reply:
-                        if reply.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"{url} not ready after {timeout} s")
-
-    async def api(self) -> tuple[FerryProcess, str]:
-        process = self.start("api")
-        url = f"http://127.0.0.1:{self.settings.api_port}"
-        await self.wait_ready(f"{url}/health/ready")
-        return process, url
-
-    async def worker(self, **env: str) -> FerryProcess:
-        process = self.start("workers", **env)
-        await self.wait_ready(f"http://127.0.0.1:{process.web_port}/health/ready")
-        return process
-
-    def fake_provider(self, port: int, latency: float) -> FerryProcess:
-        return self.start("deploy.fakes.openai_server", "--port", str(port), "--latency", str(latency))
 
 
-async def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 def run_load(workdir: Path, mode: str, *args: str) -> dict:
@@ -227,11 +130,6 @@ def run_load(workdir: Path, mode: str, *args: str) -> dict:
 INFLIGHT_MAX_IN_FLIGHT = 4000
 
 
-def stack_settings(bootstrap: str, fake_port: int, **overrides) -> Settings:
-    name = f"bench-{uuid.uuid4().hex[:8]}"
-    return Settings(kafka_bootstrap_servers=bootstrap, app_id=name, topic_prefix=name, api_port=free_port(),
-                    log_level="WARNING", providers={"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
-                    **overrides)
 
 
 async def worker_in_flight(worker: FerryProcess) -> int:
@@ -257,7 +155,7 @@ async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
     stack = Stack(settings, workdir)
     try:
         api, url = await stack.api()  # no worker: submits are the API's work alone
-        with Sampler({"api": _pid(api)}) as sampler:
+        with Sampler({"api": pid_of(api)}) as sampler:
             ferry_load = run_load(workdir, "submit", "--url", url, *common)
     finally:
         await stack.close()
@@ -287,7 +185,7 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
         results["warmup"] = latency_summary(warmup, 200) | {"offered_per_second": sizes.warmup_rate}
         for rate in rates or sizes.rates:
             peak = 0
-            with Sampler({"api": _pid(api), "worker": _pid(worker)}) as sampler:
+            with Sampler({"api": pid_of(api), "worker": pid_of(worker)}) as sampler:
                 load = asyncio.create_task(asyncio.to_thread(
                     run_load, workdir, "e2e", "--url", url, "--rate", str(rate), "--seconds", str(sizes.seconds)))
                 while not load.done():
@@ -310,19 +208,19 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
     try:
         stack.fake_provider(fake_port, 0.0)
         api, url = await stack.api()
-        api_rss_empty = Sampler.read(_pid(api))[0]
+        api_rss_empty = Sampler.read(pid_of(api))[0]
         ids = await submit_many(url, sizes.backlog_jobs)
         ids_file = workdir / "backlog-ids.json"
         ids_file.write_text(json.dumps(ids))
         began = time.monotonic()
         worker = stack.start("workers")
-        with Sampler({"worker": _pid(worker), "api": _pid(api)}, interval=1.0) as sampler:
+        with Sampler({"worker": pid_of(worker), "api": pid_of(api)}, interval=1.0) as sampler:
             # The target is flat memory "from the first to the last job": the RSS when the first
             # job is done (the worker is up and working), then when the last one is.
             await wait_all_terminal(url, ids[:1])
-            rss_at_first = Sampler.read(_pid(worker))[0]
+            rss_at_first = Sampler.read(pid_of(worker))[0]
             await wait_all_terminal(url, ids)
-            rss_at_last = Sampler.read(_pid(worker))[0]
+            rss_at_last = Sampler.read(pid_of(worker))[0]
         drained_in = time.monotonic() - began
         worker_series = sampler.series["worker"]
         results["backlog"] = {"jobs": len(ids), "seconds_from_worker_start": round(drained_in, 1),
@@ -332,7 +230,7 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
                               "worker_rss_growth_percent": round(100 * (rss_at_last / rss_at_first - 1), 1),
                               "worker": sampler.summary("worker"), "worker_rss_series": worker_series}
         if run_poll:
-            api_rss = Sampler.read(_pid(api))[0]
+            api_rss = Sampler.read(pid_of(api))[0]
             load = run_load(workdir, "poll", "--url", url, "--ids-file", str(ids_file),
                             "--seconds", str(sizes.seconds), "--concurrency", str(sizes.concurrency))
             results["poll"] = latency_summary(load, 200) | {
@@ -345,51 +243,10 @@ async def scenario_backlog_and_poll(bootstrap: str, workdir: Path, sizes: Sizes,
     return results
 
 
-async def submit_many(url: str, count: int, concurrency: int = 64) -> list[str]:
-    body = json.dumps({"model": "fake/gpt-4o-mini",
-                       "messages": [{"role": "user", "content": "x" * 900}]}).encode()
-    ids: list[str] = []
-    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def client(share: int) -> None:
-            for _ in range(share):
-                async with session.post("/v1/async/chat/completions", data=body,
-                                        headers={"Content-Type": "application/json"}) as reply:
-                    if reply.status == 202:
-                        ids.append((await reply.json())["id"])
-                    else:
-                        await asyncio.sleep(0.1)  # 503 while Kafka is slow: the job was not queued
-
-        await asyncio.gather(*(client(count // concurrency + (n < count % concurrency)) for n in range(concurrency)))
-    return ids
 
 
-async def wait_all_terminal(url: str, ids: list[str], timeout: float = 1800) -> None:
-    """Poll the last-submitted jobs first; when they are done, sweep all of them once."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(url) as session:
-        remaining = list(ids)
-        while remaining:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(remaining)} jobs not terminal after {timeout} s")
-            still = []
-            for job_id in remaining[-200:]:
-                async with session.get(f"/v1/async/chat/completions/{job_id}") as reply:
-                    if reply.status == 202:
-                        still.append(job_id)
-            if still:
-                await asyncio.sleep(0.5)
-                continue
-            for start in range(0, len(remaining), 500):
-                batch = remaining[start:start + 500]
-                statuses = await asyncio.gather(*(poll_status(session, job_id) for job_id in batch))
-                still.extend(job_id for job_id, status in zip(batch, statuses, strict=True) if status == 202)
-            remaining = still
 
 
-async def poll_status(session: aiohttp.ClientSession, job_id: str) -> int:
-    async with session.get(f"/v1/async/chat/completions/{job_id}") as reply:
-        await reply.read()
-        return reply.status
 
 
 # -- rebalance and resume -----------------------------------------------------------------------
@@ -418,51 +275,14 @@ class Resume:
     provider_latency: float = 600
 
 
-class RecordingFake:
-    """``bench.recording_fake`` in its own process, and the harness's copy of its call log."""
-
-    def __init__(self, stack: Stack, port: int, latency: float) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = stack.start("bench.recording_fake", "--port", str(port), "--latency", str(latency))
-        self.calls: list[list] = []  # [marker, received_at, answered_at], as of the last refresh
-        self.in_flight = 0
-
-    async def refresh(self, session: aiohttp.ClientSession) -> None:
-        """Fetch the calls made since the last refresh (earlier ones keep their first answered_at)."""
-        async with session.get(f"{self.url}/bench/calls", params={"since": len(self.calls)}) as reply:
-            body = await reply.json()
-        self.calls.extend(body["calls"])
-        self.in_flight = body["in_flight"]
-
-    async def final(self) -> list[list]:
-        """The whole log, answers included."""
-        async with aiohttp.ClientSession() as session, session.get(f"{self.url}/bench/calls") as reply:
-            return (await reply.json())["calls"]
 
 
-def marked_body(marker: str, padding: int) -> bytes:
-    return json.dumps({"model": "fake/gpt-4o-mini",
-                       "messages": [{"role": "user", "content": f"{marker} {'x' * padding}"}]}).encode()
 
 
-async def post_job(session: aiohttp.ClientSession, body: bytes) -> tuple[int, str | None]:
-    async with session.post(CHAT, data=body, headers={"Content-Type": "application/json"}) as reply:
-        return reply.status, (await reply.json())["id"] if reply.status == 202 else None
 
 
-def longest_gap(start: float, end: float, times: list[float]) -> tuple[float, float]:
-    """The longest stretch in [start, end] without one of ``times``: (length, its start)."""
-    points = [start, *sorted(t for t in times if start <= t <= end), end]
-    length, at = max((b - a, a) for a, b in itertools.pairwise(points))
-    return round(length, 3), round(at - start, 3)
 
 
-def first_after(moment: float | None, times: list[float]) -> float | None:
-    """Seconds from ``moment`` to the first of ``times`` at or after it; None if none, or no moment."""
-    if moment is None:
-        return None
-    first = min((t for t in times if t >= moment), default=None)
-    return round(first - moment, 3) if first is not None else None
 
 
 # Worker log lines worth a reader's eye: problems, and Faust's note that the event loop was blocked.
@@ -702,7 +522,7 @@ async def scenario_resume(bootstrap: str, workdir: Path, plan: Resume) -> dict:
             cpu: list[tuple[float, float]] = []  # (monotonic, the replacement's CPU seconds)
             deadline = time.monotonic() + 600
             while len(restarted_at) < plan.jobs and time.monotonic() < deadline:
-                cpu.append((time.monotonic(), Sampler.read(_pid(second))[1]))
+                cpu.append((time.monotonic(), Sampler.read(pid_of(second))[1]))
                 if ready is None:
                     try:
                         async with session.get(f"http://127.0.0.1:{second.web_port}/health/ready",
@@ -717,7 +537,7 @@ async def scenario_resume(bootstrap: str, workdir: Path, plan: Resume) -> dict:
                     if seen[marker] == 2:
                         restarted_at[marker] = received
                 await asyncio.sleep(0.05)
-            cpu.append((time.monotonic(), Sampler.read(_pid(second))[1]))
+            cpu.append((time.monotonic(), Sampler.read(pid_of(second))[1]))
             second.kill()  # its calls would drain for the grace period
         clock_offset = time.time() - time.monotonic()
         restarts = sorted(restarted_at.values())
@@ -808,11 +628,13 @@ def machine() -> dict:
 
     return {"cores": os.cpu_count(), "memory_gib": round(total_kb / 1024 ** 2, 1), "python": platform.python_version(),
             "kernel": platform.release(), "faust_streaming": faust.__version__, "aiokafka": aiokafka.__version__,
-            "aiohttp": aiohttp.__version__, "kafka": "4.1.1 (local KRaft broker, one node)"}
+            "aiohttp": aiohttp.__version__, "kafka": "4.1.1 (local KRaft: one node; failover and scale on three)"}
 
 
 async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
     handle = locate(Settings())
+    cluster = LocalKafkaCluster(port=Settings().local_kafka_cluster_port)
+    cluster_was_running = any(pid is not None for pid in cluster.running().values())
     workdir = out_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir.mkdir(parents=True)
     results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)}, "scenarios": {}}
@@ -836,8 +658,17 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
             elif scenario == "resume":
                 results["scenarios"]["resume"] = await scenario_resume(handle.bootstrap_servers, workdir,
                                                                        Resume(jobs=sizes.resume_jobs))
+            elif scenario == "failover":
+                results["scenarios"]["failover"] = await scenario_failover(
+                    cluster, workdir, BrokerFault(rate=sizes.failover_rate, seconds=sizes.failover_seconds),
+                    sizes.failover_kinds)
+            elif scenario == "scale":
+                results["scenarios"]["scale"] = await scenario_scale(
+                    cluster, workdir, Scale(rate=sizes.scale_rate, seconds=sizes.scale_seconds))
     finally:
         handle.release()
+        if not cluster_was_running and set(scenarios) & set(CLUSTER_SCENARIOS):
+            await asyncio.to_thread(cluster.stop)
     chart(results, workdir / "chart.png")
     for body in results["scenarios"].values():
         body.pop("_loads", None)
@@ -859,6 +690,8 @@ def main() -> None:
     parser.add_argument("--rebalance-seconds", type=float,
                         help="length of the rebalance scenario's load (a worker joins at 1/4, leaves at 5/8)")
     parser.add_argument("--resume-jobs", type=int, help="calls in flight when the resume scenario's worker is killed")
+    parser.add_argument("--failover-seconds", type=float, help="least length of each failover run's load")
+    parser.add_argument("--scale-rate", type=int, help="offered rate of the scale scenario (jobs/s)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = parser.parse_args()
     scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
@@ -878,6 +711,10 @@ def main() -> None:
         sizes.rebalance_seconds = args.rebalance_seconds
     if args.resume_jobs:
         sizes.resume_jobs = args.resume_jobs
+    if args.failover_seconds:
+        sizes.failover_seconds = args.failover_seconds
+    if args.scale_rate:
+        sizes.scale_rate = args.scale_rate
     asyncio.run(run(scenarios, sizes, Path(args.out)))
 
 

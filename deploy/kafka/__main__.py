@@ -1,7 +1,9 @@
 """Command line for the local Kafka broker and the local three-node cluster.
 
 ``python -m deploy.kafka start|stop|status|fetch`` runs the single broker;
-``python -m deploy.kafka cluster start|stop|status [--node N]`` the cluster (all nodes, or node N).
+``python -m deploy.kafka cluster start|stop|status [--node N]`` the cluster (all nodes, or node N);
+``python -m deploy.kafka cluster kill --node N`` SIGKILLs node N, as a crash would (to try a
+failover by hand: ``cluster start --node N`` brings it back).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def _cluster(action: str, cluster: LocalKafkaCluster, node: int | None) -> None:
     elif action == "stop":
         stopped = cluster.stop(node)
         print("stopped" if stopped else "not running", file=sys.stderr)
+    elif action == "kill":
+        if node is None:
+            raise BrokerError("cluster kill needs --node N: killing every node is cluster stop's job")
+        print("killed" if cluster.kill(node) else "not running", file=sys.stderr)
     elif action == "status":
         for each in nodes:
             print(f"node {each}: {_status(cluster.node(each))}")
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.kafka", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status", "fetch", "cluster"])
-    parser.add_argument("action", nargs="?", choices=["start", "stop", "status"], help="with cluster")
+    parser.add_argument("action", nargs="?", choices=["start", "stop", "status", "kill"], help="with cluster")
     parser.add_argument("--port", type=int, default=None,
                         help="the broker's port, or the cluster's first port (default: from the settings)")
     parser.add_argument("--home", default=None)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with cluster: only this node")
     args = parser.parse_args(argv)
     if args.command == "cluster" and args.action is None:
-        parser.error("cluster needs start, stop or status after it")
+        parser.error("cluster needs start, stop, status or kill after it")
     if args.command != "cluster" and args.action is not None:
         parser.error(f"{args.command} takes no second word (only cluster does)")
     if args.node is not None and args.command != "cluster":

@@ -228,6 +228,11 @@ class LocalKafka:
             "transaction.state.log.min.isr": min_isr,
             "share.coordinator.state.topic.replication.factor": replicas,
             "share.coordinator.state.topic.min.isr": min_isr,
+            # A node that stops heartbeating is fenced after 3 s (Kafka's default is 9 s) and leaves
+            # every in-sync replica set, so acks=all writes go on without it: Ferry's submit
+            # timeout is above this. Heartbeats every 0.5 s keep a busy node from a false fencing.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
             # Consumers join at once instead of waiting 3 s for more members.
             "group.initial.rebalance.delay.ms": "0",
             # Compaction and tombstone removal are visible within seconds, not hours.

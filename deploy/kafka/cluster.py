@@ -149,17 +149,29 @@ class PartitionState:
 async def partition_state(bootstrap_servers: str, topic: str, partition: int = 0) -> PartitionState:
     """Who leads ``topic``'s ``partition`` and which replicas are in sync, from a broker's metadata.
 
+    Raises aiokafka's ``KafkaError`` when no broker answers or the topic is unknown."""
+    states = await partition_states(bootstrap_servers, [topic])
+    try:
+        return states[topic, partition]
+    except KeyError:
+        raise UnknownTopicOrPartitionError(f"{topic} has no partition {partition}") from None
+
+
+async def partition_states(bootstrap_servers: str, topics: list[str]) -> dict[tuple[str, int], PartitionState]:
+    """Every partition of ``topics``, keyed by (topic, partition), as one broker's metadata says.
+
     A fresh client per call: a long-lived one keeps asking the node that was just killed. Raises
-    aiokafka's ``KafkaError`` when no broker answers or the topic is unknown."""
+    aiokafka's ``KafkaError`` when no broker answers or a topic is unknown."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         await admin.start()
-        (described,) = await admin.describe_topics([topic])
-        if described["error_code"]:
-            raise for_code(described["error_code"])(f"topic {topic}")
-        for found in described["partitions"]:
-            if found["partition"] == partition:
-                return PartitionState(found["leader"], tuple(found["replicas"]), tuple(found["isr"]))
-        raise UnknownTopicOrPartitionError(f"{topic} has no partition {partition}")
+        states = {}
+        for described in await admin.describe_topics(topics):
+            if described["error_code"]:
+                raise for_code(described["error_code"])(f"topic {described['topic']}")
+            for found in described["partitions"]:
+                states[described["topic"], found["partition"]] = PartitionState(
+                    found["leader"], tuple(found["replicas"]), tuple(found["isr"]))
+        return states
     finally:
         await admin.close()

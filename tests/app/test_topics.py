@@ -4,6 +4,7 @@ carry the specified partitions and configs."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -185,3 +186,20 @@ async def test_brokers_that_never_answer_end_the_check_with_one_message(monkeypa
         address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
         with pytest.raises(TopicsNotReady, match=r"cannot check Ferry's Kafka topics: no broker answered within 1 s"):
             await declare_topics(Settings(kafka_bootstrap_servers=address, topic_prefix=unique_id))
+
+
+async def test_two_processes_starting_at_once_on_a_cluster_both_see_the_topics(cluster_settings: Settings) -> None:
+    """On three brokers a topic just created reaches each broker's metadata a moment apart: the
+    API and a worker starting side by side, each creating and then checking, once failed the
+    check ("missing", or a config read answered UnknownTopicOrPartition by the broker asked)."""
+    for round_number in range(4):  # fresh topics each round: the race is at creation
+        own = cluster_settings.model_copy(update={"topic_prefix": f"{cluster_settings.topic_prefix}-{round_number}",
+                                                  "app_id": f"{cluster_settings.app_id}-{round_number}"})
+        await asyncio.gather(declare_topics(own, API), declare_topics(own, WORKER))
+        admin = AIOKafkaAdminClient(**client_options(own))
+        await admin.start()
+        try:
+            listed = set(await admin.list_topics())
+        finally:
+            await admin.close()
+        assert set(topic_specs(own)) <= listed

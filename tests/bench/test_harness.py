@@ -9,14 +9,17 @@ import sys
 
 import pytest
 
+from bench.run import CLUSTER_SCENARIOS, SCENARIOS
 from deploy.processes import REPO_ROOT
+
+ONE_BROKER_SCENARIOS = [name for name in SCENARIOS if name not in CLUSTER_SCENARIOS]
 
 
 @pytest.mark.timeout(900)
 def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> None:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
-    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=REPO_ROOT, env=env,
-                   check=True, timeout=860)
+    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", ",".join(ONE_BROKER_SCENARIOS),
+                    "--out", str(tmp_path)], cwd=REPO_ROOT, env=env, check=True, timeout=860)
     [run_dir] = tmp_path.iterdir()
     assert (run_dir / "chart.png").read_bytes().startswith(b"\x89PNG")
     results = json.loads((run_dir / "results.json").read_text())
@@ -44,6 +47,25 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     resume = scenarios["resume"]
     assert resume["calls_before_kill"] == 200 and resume["jobs_started_again"] == 200
     assert resume["all_restarted_s_after_assignment"] is not None
+
+
+@pytest.mark.timeout(900)
+def test_quick_cluster_benchmarks_fail_over_and_scale(tmp_path) -> None:
+    """The failover and scale scenarios on the three-node cluster (started for the run)."""
+    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--scenarios", ",".join(CLUSTER_SCENARIOS),
+                    "--out", str(tmp_path)], cwd=REPO_ROOT, check=True, timeout=860)
+    [run_dir] = tmp_path.iterdir()
+    scenarios = json.loads((run_dir / "results.json").read_text())["scenarios"]
+    leader = scenarios["failover"]["leader"]  # quick: only the leader's loss, 20 jobs/s
+    assert [what.split()[0] for what, _ in leader["events_s"]] == ["kill", "start", "in sync"]
+    assert leader["submitted"] >= 200 and leader["completed"] == leader["accepted"] > 0
+    assert leader["lost"] == 0 and leader["refused_but_called"] == 0 and leader["unexpected"] == []
+    scale = scenarios["scale"]
+    for workers in (1, 2, 3):
+        step = scale[f"workers_{workers}"]
+        assert step["completed_per_s"] > 0 and step["accepted"] > 0
+        assert sum(name.startswith("worker_") for name in step["cpu_ms_per_job"]) == workers
+        assert all(step["cpu_ms_per_job_by_kind"][kind] > 0 for kind in ("api", "worker", "broker"))
 
 
 @pytest.mark.timeout(300)

@@ -52,3 +52,11 @@ def test_cluster_commands_are_two_words() -> None:
     assert kafka_cli("cluster").returncode == 2
     assert kafka_cli("start", "--node", "2").returncode == 2
     assert kafka_cli("cluster", "status", "--node", "4").returncode == 2
+
+
+def test_cluster_kill_names_its_node(tmp_path: Path) -> None:
+    everyone = kafka_cli("cluster", "kill", "--home", str(tmp_path / "cluster"))
+    assert everyone.returncode == 1 and "cluster kill needs --node N" in everyone.stderr
+    absent = kafka_cli("cluster", "kill", "--node", "2", "--home", str(tmp_path / "cluster"),
+                       FERRY_LOCAL_KAFKA_CLUSTER_PORT=str(free_port()))
+    assert (absent.returncode, absent.stderr) == (0, "not running\n")

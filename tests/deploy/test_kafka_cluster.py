@@ -3,15 +3,19 @@ the crashed node, started again, catches up and rejoins the in-sync replicas."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from deploy.kafka.cluster import LocalKafkaCluster, PartitionState, partition_state
+from deploy.processes import REPO_ROOT
 from tests.helpers import wait_until
 
 RECORDS = 50  # per phase: before the crash, and after it
-# The cluster fences a silent node after broker.session.timeout.ms (9 s) and elects a new leader;
+# The cluster fences a silent node after broker.session.timeout.ms (3 s) and elects a new leader;
 # the bound leaves room for a controller election too and for a box busy with other work.
 FAILOVER_WITHIN = 60
 
@@ -83,3 +87,17 @@ async def test_a_crashed_leader_loses_no_acked_write_and_rejoins(kafka_cluster: 
     finally:
         await consumer.stop()
     assert received == [(f"k{i}".encode(), f"v{i}".encode()) for i in range(2 * RECORDS)]
+
+
+def test_the_command_line_kills_one_node_as_a_crash(kafka_cluster: LocalKafkaCluster) -> None:
+    before = kafka_cluster.running()
+    killed = subprocess.run([sys.executable, "-m", "deploy.kafka", "cluster", "kill", "--node", "3",
+                             "--home", str(kafka_cluster.home), "--port", str(kafka_cluster.port)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        assert (killed.returncode, killed.stderr) == (0, "killed\n")
+        after = kafka_cluster.running()
+        assert after[3] is None and before[3] is not None
+        assert after[1] == before[1] and after[2] == before[2]  # the others untouched
+    finally:
+        kafka_cluster.start(3)
