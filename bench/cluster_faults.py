@@ -6,6 +6,8 @@ cluster, Ferry's topics at three replicas, the recording fake provider, and subm
 rate (open loop: a submit that waits does not hold back the next). While they run, one fault:
 
 - ``leader``: SIGKILL the node that leads the most of Ferry's partitions, start it again later;
+- ``controller``: the same for the active KRaft controller (a new one is elected before the
+  dead node can be fenced);
 - ``follower``: the same for a node that leads none of them (made so first: stopped with
   SIGTERM, whose controlled shutdown hands its leaderships over, and started again);
 - ``rolling``: each node in turn stopped with SIGTERM and started again, the next one only once
@@ -32,7 +34,7 @@ from bench.stack import RecordingFake, Stack, marked_body, percentile, stack_set
 from deploy.kafka.cluster import LocalKafkaCluster, PartitionState, partition_states
 from deploy.processes import free_port
 
-KINDS = ("leader", "follower", "rolling")
+KINDS = ("leader", "follower", "controller", "rolling")
 CONSUMER_OFFSETS = "__consumer_offsets"  # where the workers' group coordinator lives
 # Bounds on waits for the cluster and the jobs: a run that passes one is reported as failed.
 IN_SYNC_WITHIN = 120
@@ -120,7 +122,7 @@ async def broker_fault(cluster: LocalKafkaCluster, plan: BrokerFault, workdir: P
         raise ValueError(f"unknown fault {plan.kind!r}; choose from {KINDS}")
     await asyncio.to_thread(cluster.start)
     fake_port = free_port()
-    settings = stack_settings(cluster.bootstrap_servers, fake_port, topic_replication_factor=3)
+    settings = stack_settings(cluster.bootstrap_servers, fake_port)
     topics = ferry_topics(settings)
     stack = Stack(settings, workdir / f"broker-{plan.kind}")
     submits: list[Submitted] = []
@@ -158,6 +160,8 @@ async def _fault(cluster: LocalKafkaCluster, plan: BrokerFault, topics: list[str
             await wait_all_in_sync(cluster, [*topics, CONSUMER_OFFSETS])
             faults.note(f"in sync {node}")
         return
+    if plan.kind == "controller":
+        victim = cluster.active_controller()
     if victim is None:
         led = Counter(state.leader for state in (await leaders(cluster, topics)).values())
         victim = led.most_common(1)[0][0]
@@ -240,8 +244,8 @@ def _outcome(plan: BrokerFault, submits: list[Submitted], calls: list[list], fau
         "accepted": len(accepted),
         "refused_503": len(refused),
         "uncertain_503": len(uncertain),
-        # From the first submit answered 503 being sent to the last one's answer.
-        "window_503_s": round(max(e.answered for e in unavailable) - min(e.sent for e in unavailable), 2)
+        # How long a client got 503s: from the first submit answered 503 to the last, by when they were sent.
+        "window_503_s": round(max(e.sent for e in unavailable) - min(e.sent for e in unavailable), 2)
         if unavailable else 0.0,
         "submit_ms": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
                       "max": round(max(latencies), 1) if latencies else None},

@@ -631,32 +631,36 @@ def machine() -> dict:
             "aiohttp": aiohttp.__version__, "kafka": "4.1.1 (local KRaft: one node; failover and scale on three)"}
 
 
-async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
+async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bool = False) -> Path:
     handle = locate(Settings())
     cluster = LocalKafkaCluster(port=Settings().local_kafka_cluster_port)
     cluster_was_running = any(pid is not None for pid in cluster.running().values())
+    # The one-broker scenarios on the cluster instead (--on-cluster): the same figures with three
+    # replicas of every topic.
+    bootstrap = await asyncio.to_thread(cluster.start) if on_cluster else handle.bootstrap_servers
     workdir = out_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir.mkdir(parents=True)
-    results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)}, "scenarios": {}}
+    results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)},
+                     "kafka": "three-node cluster" if on_cluster else "one broker", "scenarios": {}}
     try:
         for scenario in scenarios:
             print(f"bench: {scenario} ...", flush=True)
             if scenario == "submit":
-                results["scenarios"]["submit"] = await scenario_submit(handle.bootstrap_servers, workdir, sizes)
+                results["scenarios"]["submit"] = await scenario_submit(bootstrap, workdir, sizes)
             elif scenario == "e2e":
-                results["scenarios"]["e2e"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes)
+                results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes)
             elif scenario == "inflight":
-                results["scenarios"]["inflight"] = await scenario_e2e(handle.bootstrap_servers, workdir, sizes,
+                results["scenarios"]["inflight"] = await scenario_e2e(bootstrap, workdir, sizes,
                                                                       latency=2.0, rates=(sizes.inflight_rate,),
                                                                       worker_max_in_flight=INFLIGHT_MAX_IN_FLIGHT)
             elif scenario == "backlog":
                 results["scenarios"]["backlog"] = await scenario_backlog_and_poll(
-                    handle.bootstrap_servers, workdir, sizes, run_poll="poll" in scenarios)
+                    bootstrap, workdir, sizes, run_poll="poll" in scenarios)
             elif scenario == "rebalance":
-                results["scenarios"]["rebalance"] = await scenario_rebalance(handle.bootstrap_servers, workdir,
+                results["scenarios"]["rebalance"] = await scenario_rebalance(bootstrap, workdir,
                                                                              Rebalance.for_sizes(sizes))
             elif scenario == "resume":
-                results["scenarios"]["resume"] = await scenario_resume(handle.bootstrap_servers, workdir,
+                results["scenarios"]["resume"] = await scenario_resume(bootstrap, workdir,
                                                                        Resume(jobs=sizes.resume_jobs))
             elif scenario == "failover":
                 results["scenarios"]["failover"] = await scenario_failover(
@@ -667,7 +671,7 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path) -> Path:
                     cluster, workdir, Scale(rate=sizes.scale_rate, seconds=sizes.scale_seconds))
     finally:
         handle.release()
-        if not cluster_was_running and set(scenarios) & set(CLUSTER_SCENARIOS):
+        if not cluster_was_running and (on_cluster or set(scenarios) & set(CLUSTER_SCENARIOS)):
             await asyncio.to_thread(cluster.stop)
     chart(results, workdir / "chart.png")
     for body in results["scenarios"].values():
@@ -692,6 +696,8 @@ def main() -> None:
     parser.add_argument("--resume-jobs", type=int, help="calls in flight when the resume scenario's worker is killed")
     parser.add_argument("--failover-seconds", type=float, help="least length of each failover run's load")
     parser.add_argument("--scale-rate", type=int, help="offered rate of the scale scenario (jobs/s)")
+    parser.add_argument("--on-cluster", action="store_true",
+                        help="run every scenario on the local three-node cluster (topics at three replicas)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = parser.parse_args()
     scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
@@ -715,7 +721,7 @@ def main() -> None:
         sizes.failover_seconds = args.failover_seconds
     if args.scale_rate:
         sizes.scale_rate = args.scale_rate
-    asyncio.run(run(scenarios, sizes, Path(args.out)))
+    asyncio.run(run(scenarios, sizes, Path(args.out), args.on_cluster))
 
 
 if __name__ == "__main__":

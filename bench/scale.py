@@ -45,7 +45,7 @@ async def scenario_scale(cluster: LocalKafkaCluster, workdir: Path, plan: Scale)
 
 async def _step(cluster: LocalKafkaCluster, workdir: Path, plan: Scale, workers: int) -> dict:
     fake_port = free_port()
-    settings = stack_settings(cluster.bootstrap_servers, fake_port, topic_replication_factor=3)
+    settings = stack_settings(cluster.bootstrap_servers, fake_port)
     stack = Stack(settings, workdir / f"scale-{workers}")
     ids: list[str] = []
     refused = 0

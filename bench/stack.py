@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient
@@ -158,10 +159,16 @@ async def wait_port(port: int, timeout: float = 30) -> None:
 
 
 def stack_settings(bootstrap: str, fake_port: int, **overrides) -> Settings:
+    """A run's settings: topics of its own, replicated on every broker the bootstrap list names
+    (one for the single broker, three on the cluster, as Ferry would be deployed on each)."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    return Settings(kafka_bootstrap_servers=bootstrap, app_id=name, topic_prefix=name, api_port=free_port(),
-                    log_level="WARNING", providers={"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
-                    **overrides)
+    replicas = min(3, len(bootstrap.split(",")))
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap, "app_id": name, "topic_prefix": name, "api_port": free_port(),
+        "log_level": "WARNING", "topic_replication_factor": replicas,
+        "providers": {"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
+    }
+    return Settings(**(values | overrides))
 
 
 async def submit_many(url: str, count: int, concurrency: int = 64) -> list[str]:

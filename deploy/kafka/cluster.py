@@ -31,6 +31,7 @@ partition and which replicas are in sync, as the brokers' metadata says.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,21 @@ class LocalKafkaCluster:
     def kill(self, node: int) -> bool:
         """SIGKILL one node, as a crash would; True if it ran."""
         return self.node(node).kill()
+
+    def active_controller(self) -> int | None:
+        """The node the controller quorum follows now (the KRaft leader), as the running nodes
+        last wrote it in their ``quorum-state`` file; None if none has one."""
+        latest: tuple[int, int] | None = None  # (epoch, leader)
+        for each in self.nodes.values():
+            if each.running_pid() is None:
+                continue
+            try:
+                state = json.loads((each.data_dir / "__cluster_metadata-0" / "quorum-state").read_text())
+            except (OSError, ValueError):
+                continue
+            if state.get("leaderId", -1) >= 0 and (latest is None or state["leaderEpoch"] > latest[0]):
+                latest = (state["leaderEpoch"], state["leaderId"])
+        return latest[1] if latest else None
 
     def running(self) -> dict[int, int | None]:
         """Each node's pid, or None where it does not run."""
