@@ -22,7 +22,7 @@ from api.errors import JOB_ID_HEADER
 from api.routes import READ_MODEL
 from app.jobs import JobStatus
 from app.settings import Settings
-from app.topics import TopicsNotReady, changelog_topic, declare_topics, partition_for
+from app.topics import changelog_topic, declare_topics, partition_for
 from deploy.fakes.openai_server import FakeOpenAI
 from deploy.kafka.cluster import LocalKafkaCluster, partition_state
 from deploy.processes import FerryProcess, free_port
@@ -71,24 +71,6 @@ class AnsweringFake(FakeOpenAI):
         answer = await super()._chat_completions(model, body, files)
         self.answered[body["messages"][-1]["content"]] += 1
         return answer
-
-
-async def declared(settings: Settings) -> None:
-    """Declare Ferry's topics on the cluster before any process starts, tried again for a few
-    seconds while the brokers disagree about them.
-
-    ``declare_topics`` asks whichever broker its client picks at each step; right after topics
-    were created (or others deleted, as the previous test's teardown does) a broker that has not
-    caught up answers that they are missing, have 0 partitions, or have unknown configs, and the
-    declaration fails. Tried again, the topics exist and are only checked; Ferry's processes,
-    started after, find them on every broker."""
-    for attempt in range(10):
-        try:
-            return await declare_topics(settings)
-        except TopicsNotReady:
-            if attempt == 9:
-                raise
-        await asyncio.sleep(0.5)
 
 
 async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
@@ -280,7 +262,7 @@ async def test_workers_join_leave_and_crash_under_steady_load(cluster_settings: 
     # A submit timeout that a busy box does not reach: this test is about workers, not Kafka.
     own = settings_for(cluster_settings, fake, worker_max_in_flight=slots, worker_shutdown_grace_seconds=20,
                        submit_timeout_seconds=5)
-    await declared(own)
+    await declare_topics(own)  # before any process starts: they find them on every broker
     api = await start_api(own)
     # INFO: the workers' logs say what each rebalance did, for a failure's investigation.
     workers = {name: FerryProcess("workers", own, tmp_path / name, FERRY_LOG_LEVEL="INFO")
@@ -403,7 +385,7 @@ async def test_api_replicas_answer_each_others_jobs_and_a_restarted_one_answers_
     after to the other, which knows the job at once. One is killed (the other serves alone), then
     started again: it answers every job ever accepted with its result."""
     own = settings_for(cluster_settings, fake_openai, submit_timeout_seconds=5)
-    await declared(own)
+    await declare_topics(own)  # before any process starts: they find them on every broker
     replicas = {name: Replica(name, own, tmp_path) for name in ("a", "b")}
     worker = FerryProcess("workers", own, tmp_path / "worker", FERRY_LOG_LEVEL="INFO")
     submits: Counter = Counter()  # status -> count
@@ -511,7 +493,7 @@ async def test_a_broker_and_a_worker_killed_together_under_load(cluster_settings
     refused without a job id never reaches the provider."""
     fake = await FakeOpenAI(api_key=PROVIDER_KEY).start()
     own = settings_for(cluster_settings, fake)
-    await declared(own)
+    await declare_topics(own)  # before any process starts: they find them on every broker
     api = await start_api(own)
     workers = {name: FerryProcess("workers", own, tmp_path / name, FERRY_LOG_LEVEL="INFO")
                for name in ("killed", "survivor", "replacement")}

@@ -32,6 +32,9 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
 - ``test_streams_keep_flowing_while_table_writes_wait``: the conductor waits for Faust's producer
   buffer before every record while more than 100 table writes wait in it (transport/producer.py:30,
   wait_until_ebb; conductor.py:111). Upstream: #173 (producer buffer full).
+- ``test_the_stall_check_skips_a_partition_not_yet_positioned``: the livelock detector's
+  ``verify_event_path`` reads ``tp_state.position`` (drivers/aiokafka.py:840), an assertion in
+  aiokafka while a just-assigned partition awaits its reset: the worker crashed.
 """
 
 from __future__ import annotations
@@ -78,3 +81,8 @@ async def test_a_commit_stops_at_the_first_unacked_record(settings: Settings, co
 @pytest.mark.timeout(300)
 async def test_streams_keep_flowing_while_table_writes_wait(settings: Settings) -> None:
     await faust_repro.check_streams_flow_while_table_writes_wait(settings, FerryTransport, JobsTable)
+
+
+@pytest.mark.timeout(300)
+async def test_the_stall_check_skips_a_partition_not_yet_positioned(settings: Settings) -> None:
+    await faust_repro.check_the_stall_check_skips_a_partition_not_yet_positioned(settings, FerryTransport)

@@ -47,6 +47,11 @@ reproduces it against a real broker and fails without the fix:
    and ``create_app(env={})``. Test: ``tests/workers/test_worker_web.py``.
 9. A table's own ``store=`` URL is ignored (a yarl URL without a host is falsy). Fix: the store
    is set on the app. Test: ``tests/workers/test_jobs_table.py``.
+10. The livelock detector (``verify_event_path``, every ``broker_commit_interval`` x 2.5) reads
+   each assigned partition's position, which aiokafka asserts is set: for a partition just
+   assigned and still awaiting its offset reset, the assertion failed and the worker crashed
+   (seen once in ~50 chaos runs, 3 s after a rebalance). Fix: ``FerryConsumer.verify_event_path``
+   checks only positioned partitions. Test: ``::test_the_stall_check_skips_a_partition_not_yet_positioned``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """

@@ -57,6 +57,14 @@ class FerryConsumer(faust_aiokafka.Consumer):
             if discarded:
                 await self._thread.call_thread(self._seek_back, dict(discarded))
 
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's stall check, for partitions aiokafka has positioned: it read the position of one
+        just assigned (awaiting its reset), and the failed assertion crashed the worker."""
+        assignment = self._thread._ensure_consumer()._fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+        if state is not None and state.has_valid_position:
+            super().verify_event_path(now, tp)
+
     async def _wait_next_records(self, timeout: float) -> tuple[Any, set[TP] | None]:
         """Faust's, except that with no partition active it waits until one is resumed (up to
         ``timeout``), not a whole second: the stream partitions resumed as recovery ends waited
