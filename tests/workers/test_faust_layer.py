@@ -32,6 +32,14 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
 - ``test_streams_keep_flowing_while_table_writes_wait``: the conductor waits for Faust's producer
   buffer before every record while more than 100 table writes wait in it (transport/producer.py:30,
   wait_until_ebb; conductor.py:111). Upstream: #173 (producer buffer full).
+- ``test_records_recovery_read_are_in_the_table``: changelog records recovery reads past the
+  highwater it measured (another writer's, written meanwhile) are kept in a buffer once recovery has
+  ended, applied only at the next rebalance (tables/recovery.py ``_slurp_changelogs``,
+  ``flush_buffers`` from ``on_partitions_revoked``), over the values the owner wrote since, whose
+  offsets the next recovery starts after (``_on_changelog_sent``, tables/base.py:353); and records
+  still in the changelog queue when recovery resumes the flow are thrown away
+  (``clear_on_resume=True``, tables/manager.py:112-115; mode ``FlowControlEvent.resume``), the
+  consumer past them.
 """
 
 from __future__ import annotations
@@ -78,3 +86,9 @@ async def test_a_commit_stops_at_the_first_unacked_record(settings: Settings, co
 @pytest.mark.timeout(300)
 async def test_streams_keep_flowing_while_table_writes_wait(settings: Settings) -> None:
     await faust_repro.check_streams_flow_while_table_writes_wait(settings, FerryTransport, JobsTable)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("hold", [False, True], ids=["buffered", "queue-cleared"])
+async def test_records_recovery_read_are_in_the_table(settings: Settings, hold: bool) -> None:
+    await faust_repro.check_records_recovery_read_are_in_the_table(settings, FerryTransport, JobsTable, hold)
