@@ -485,3 +485,74 @@ async def check_streams_flow_while_table_writes_wait(settings: Settings, transpo
         f"{delivered_while_waiting} of {records} records reached the stream while at least {writes // 2} of "
         f"{writes} table writes were unacknowledged (writes pending at each delivery: {pending_at_delivery})")
     return pending_at_delivery
+
+
+# -- 5. Changelog records recovery read are applied late, or not at all ----------------------------------------
+
+async def check_records_recovery_read_are_in_the_table(settings: Settings, transport_cls: type, table_cls: type,
+                                                        hold: bool, records: int = 10) -> None:
+    """Recovery reads an active partition's changelog up to the highwater it measured first, but
+    hands over whatever the fetch returned: here ``records`` written after the measure by another
+    writer (Ferry's API writes each job's ``pending``). They must be in the table once it is live;
+    and the values its owner writes next must still be there after the next rebalance.
+
+    Faust keeps the records read once recovery has ended in a buffer, applied at the next
+    rebalance over the owner's writes (recovery.py ``_slurp_changelogs``, ``flush_buffers`` in
+    ``on_partitions_revoked``); with the owner's writes acknowledged after that (the worker waits
+    for its writes as the rebalance goes on), the next recovery starts past them all. And with
+    ``hold`` (recovery applies records slower than they come, as a standby catching up does), the
+    records still in Faust's changelog queue when recovery resumes the flow are thrown away
+    (``flow_control.resume()`` clears the queue), the consumer past them.
+    """
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, table_cls, store="rocksdb://", stream_wait_empty=False)
+    name, topic, _ = await _stream_and_recovered_table(settings, app, 1)
+    _collecting_agent(app, topic)  # the stream partition that the table's partition goes with
+    table = app.Table("jobs", partitions=1, key_type=bytes, value_type=bytes)
+    changelog = table.changelog_topic.get_topic_name()
+    await create_topic(bootstrap, changelog, 1)
+    await produce(bootstrap, changelog, {0: [(b"other-%d" % n, b"1") for n in range(20)]})
+    keys = [b"job-%d" % n for n in range(records)]
+    recovery = app.tables.recovery
+    build_highwaters = recovery._build_highwaters
+
+    async def highwaters_then_writes(consumer, tps, destination, title) -> None:
+        await build_highwaters(consumer, tps, destination, title)
+        if title == "active" and app.consumer_generation_id == 1:  # past the highwater recovery reads to
+            await produce(bootstrap, changelog, {0: [(key, b"pending") for key in keys]})
+
+    async def hold_the_first(event) -> None:  # until the flow resumes at recovery's end
+        if event.message.key == keys[0]:
+            await wait_until(recovery.completed.is_set, 60, "recovery's end")
+
+    recovery._build_highwaters = highwaters_then_writes
+    if hold:
+        table._on_changelog_event = hold_the_first
+
+    async def send_the_writes(sender, revoked, **kwargs) -> None:  # Kafka has them during the rebalance
+        await asyncio.gather(*(table.send_changelog(0, key, b"completed") for key in keys))
+
+    def values() -> list[bytes | None]:
+        return [table.data.get(key) for key in keys]
+
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(lambda: recovery.completed.is_set() and not app.rebalancing, STARTUP_TIMEOUT,
+                         "the table's recovery")
+        for _ in range(50):  # up to 5 s for the records under way
+            if (live := values()) == [b"pending"] * records:
+                break
+            await asyncio.sleep(0.1)
+        for key in keys:  # the owner's writes: in its store now, in Kafka as the next rebalance goes on
+            table.data[key] = b"completed"
+        app.on_partitions_revoked.connect(send_the_writes)
+        generation = app.consumer_generation_id
+
+        async def rejoin() -> None:  # in the consumer's thread, where aiokafka's coordinator lives
+            app.consumer._thread._ensure_consumer()._coordinator.request_rejoin()
+
+        await app.consumer._thread.call_thread(rejoin)
+        await wait_until(lambda: app.consumer_generation_id != generation and recovery.completed.is_set()
+                         and not app.rebalancing, 60, "the rebalance to end")
+        after = values()
+    assert (live, after) == ([b"pending"] * records, [b"completed"] * records), (
+        f"when the table went live: {live}; after the owner's writes and a rebalance: {after}")

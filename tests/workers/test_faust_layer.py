@@ -35,6 +35,14 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
 - ``test_the_stall_check_skips_a_partition_not_yet_positioned``: the livelock detector's
   ``verify_event_path`` reads ``tp_state.position`` (drivers/aiokafka.py:840), an assertion in
   aiokafka while a just-assigned partition awaits its reset: the worker crashed.
+- ``test_records_recovery_read_are_in_the_table``: changelog records recovery reads past the
+  highwater it measured (another writer's, written meanwhile) are kept in a buffer once recovery has
+  ended, applied only at the next rebalance (tables/recovery.py ``_slurp_changelogs``,
+  ``flush_buffers`` from ``on_partitions_revoked``), over the values the owner wrote since, whose
+  offsets the next recovery starts after (``_on_changelog_sent``, tables/base.py:353); and records
+  still in the changelog queue when recovery resumes the flow are thrown away
+  (``clear_on_resume=True``, tables/manager.py:112-115; mode ``FlowControlEvent.resume``), the
+  consumer past them.
 """
 
 from __future__ import annotations
@@ -86,3 +94,9 @@ async def test_streams_keep_flowing_while_table_writes_wait(settings: Settings) 
 @pytest.mark.timeout(300)
 async def test_the_stall_check_skips_a_partition_not_yet_positioned(settings: Settings) -> None:
     await faust_repro.check_the_stall_check_skips_a_partition_not_yet_positioned(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("hold", [False, True], ids=["buffered", "queue-cleared"])
+async def test_records_recovery_read_are_in_the_table(settings: Settings, hold: bool) -> None:
+    await faust_repro.check_records_recovery_read_are_in_the_table(settings, FerryTransport, JobsTable, hold)

@@ -52,6 +52,17 @@ reproduces it against a real broker and fails without the fix:
    assigned and still awaiting its offset reset, the assertion failed and the worker crashed
    (seen once in ~50 chaos runs, 3 s after a rebalance). Fix: ``FerryConsumer.verify_event_path``
    checks only positioned partitions. Test: ``::test_the_stall_check_skips_a_partition_not_yet_positioned``.
+11. Changelog records recovery reads but has not applied are overwritten by time or lost. Once
+   recovery has ended, Faust keeps the records it still reads (an active partition's records past
+   the highwater it measured, written meanwhile by the API; a standby's) in a buffer applied at the
+   next rebalance: over the values the owner wrote since, whose acknowledged offsets (the persisted
+   offset) the next recovery starts after, so a job finished before the rebalance was ``pending``
+   again after it and called again. And ``flow_control.resume()``, which recovery calls up to three
+   times, empties the changelog queue: records handed over are lost, the consumer past them (a
+   standby can keep a job ``processing`` that the changelog has finished: resumed as an orphan).
+   Fix: ``JobsTable`` applies each record read once recovery has ended at once, and its changelog
+   queue is not emptied on resume. Test:
+   ``tests/workers/test_faust_layer.py::test_records_recovery_read_are_in_the_table``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """

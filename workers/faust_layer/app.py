@@ -33,16 +33,14 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         # Faust reads ~80 variables of its own (WEB_BIND, BROKER_URL...) from the environment, and
         # they win over the values given here: Ferry's settings are the only configuration.
         env={},
-        broker=[f"kafka://{server.strip()}" for server in settings.require_bootstrap_servers().split(",")
-                if server.strip()],
+        broker=[f"kafka://{s.strip()}" for s in settings.require_bootstrap_servers().split(",") if s.strip()],
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication_factor,
         # Ferry's topics are declared or checked by app/topics.py before Faust starts.
         topic_allow_declare=settings.declare_topics,
         topic_disable_leader=True,  # no leader topic: Ferry has no on_leader timers
         web="ferry-pages://", web_port=settings.worker_web_port, web_bind=settings.worker_web_host,
-        autodiscover=False,
-        datadir=os.path.join(settings.worker_data_dir, "{conf.name}-data"),
+        autodiscover=False, datadir=os.path.join(settings.worker_data_dir, "{conf.name}-data"),
         broker_commit_interval=1.0,  # after a crash, less is taken again than Faust's 2.8 s leaves
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=settings.kafka_session_timeout_seconds / 4,

@@ -182,10 +182,7 @@ class FerryConsumer(faust_aiokafka.Consumer):
                 finally:
                     await records.aclose()  # now, not when collected: seeks back what was not delivered
                 self.diag.unset_flag(CONSUMER_FETCHING)
-        except self.consumer_stopped_errors:
-            if not self.transport.app.should_stop:
-                raise
-        except asyncio.CancelledError:
+        except self.consumer_stopped_errors + (asyncio.CancelledError,):
             if not self.transport.app.should_stop:
                 raise
         finally:

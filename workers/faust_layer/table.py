@@ -52,9 +52,20 @@ class JobsTable(faust.Table):
 
     _sender: asyncio.Task | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __init__(self, app, **kwargs) -> None:
+        super().__init__(app, **kwargs)
         self._unsent: collections.deque = collections.deque()  # writes not yet handed to the producer
+        # Faust's changelog queue is emptied whenever the flow resumes (recovery resumes it up to
+        # three times): records handed over were lost, the consumer and recovery's offsets past them.
+        app.tables._changelog_queue = app.FlowControlQueue(maxsize=app.conf.stream_buffer_maxsize)
+
+    async def on_changelog_event(self, event) -> None:
+        """Once recovery has ended, Faust keeps the changelog records it reads in a buffer, applied at
+        the next rebalance: over the values written since, whose offsets recovery then starts after.
+        Records read once recovery has ended are applied now."""
+        await super().on_changelog_event(event)
+        if not (recovery := self.app.tables.recovery).in_recovery:  # type: ignore[attr-defined]
+            recovery.flush_buffers()
 
     def partition_for_key(self, key: bytes) -> int:
         return partition_for(key.decode(), self.partitions)
