@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from faust.contrib.asgi import faust_app_running
 
@@ -221,8 +221,8 @@ def report(name: str, **figures) -> None:
 
 # -- Kafka ------------------------------------------------------------------------------------------
 
-async def read_topic(settings: Settings, topic: str) -> list[tuple[str, bytes | None]]:
-    """Every (key, value) of a topic, in offset order per partition."""
+async def read_records(settings: Settings, topic: str) -> list[ConsumerRecord]:
+    """Every record of a topic, in offset order per partition."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=None)
     await consumer.start()
@@ -231,13 +231,18 @@ async def read_topic(settings: Settings, topic: str) -> list[tuple[str, bytes | 
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        records: list[tuple[str, bytes | None]] = []
+        records: list[ConsumerRecord] = []
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                records.extend((record.key.decode(), record.value) for record in batch)
+                records.extend(batch)
         return records
     finally:
         await consumer.stop()
+
+
+async def read_topic(settings: Settings, topic: str) -> list[tuple[str, bytes | None]]:
+    """Every (key, value) of a topic, in offset order per partition."""
+    return [(record.key.decode(), record.value) for record in await read_records(settings, topic)]
 
 
 async def end_offsets(settings: Settings, topic: str) -> int:

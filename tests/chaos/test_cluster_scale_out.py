@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from api.errors import JOB_ID_HEADER
@@ -32,6 +31,7 @@ from tests.helpers import (
     calls_per_marker,
     ferry_settings_for,
     job_body,
+    read_records,
     report,
     start_api,
     states,
@@ -210,25 +210,12 @@ def not_ended(api, load: SteadySubmits, fake: AnsweringFake, workers: dict[str, 
 
 async def changelog_records(settings: Settings, ids: set[str]) -> dict[str, list[tuple[int, float, dict | None]]]:
     """Every record of the jobs table's changelog for the jobs ``ids``: (offset, wall time, state)."""
-    topic = changelog_topic(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        found: dict[str, list[tuple[int, float, dict | None]]] = {job_id: [] for job_id in ids}
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                for record in batch:
-                    if record.key.decode() in ids:
-                        state = json.loads(record.value) if record.value is not None else None
-                        found[record.key.decode()].append((record.offset, record.timestamp / 1000, state))
-        return found
-    finally:
-        await consumer.stop()
+    found: dict[str, list[tuple[int, float, dict | None]]] = {job_id: [] for job_id in ids}
+    for record in await read_records(settings, changelog_topic(settings)):
+        if record.key.decode() in ids:
+            state = json.loads(record.value) if record.value is not None else None
+            found[record.key.decode()].append((record.offset, record.timestamp / 1000, state))
+    return found
 
 
 async def repeat_history(load: SteadySubmits, fake: FakeOpenAI, markers: set[str], events: list[tuple[str, float]],
