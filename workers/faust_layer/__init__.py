@@ -1,8 +1,8 @@
 """Everything Ferry changes in Faust (faust-streaming 0.15.3), in one place, each defect with its test.
 
 The worker uses Faust through this package alone: its app factory (``app.py``), its consumer
-(``consumer.py``) and its jobs table (``table.py``). Each override fixes a defect where it
-arises; the worker itself works around none.
+(``consumer.py``), its jobs table (``table.py``) and its table recovery (``recovery.py``).
+Each override fixes a defect where it arises; the worker itself works around none.
 
 Each defect, as seen in faust-streaming 0.15.3 (upstream issue), its fix, and the test that
 reproduces it against a real broker and fails without the fix:
@@ -63,6 +63,14 @@ reproduces it against a real broker and fails without the fix:
    Fix: ``JobsTable`` applies each record read once recovery has ended at once, and its changelog
    queue is not emptied on resume. Test:
    ``tests/workers/test_faust_layer.py::test_records_recovery_read_are_in_the_table``.
+12. Recovery's check that a store is not ahead of its changelog (a topic emptied under a kept
+   store) compared a standby's *live* read offset with a highwater measured later: once the
+   standby had read a record past the answer Kafka gave (on the cluster, after leadership moved),
+   the worker crashed with ``ConsistencyError`` (Faust #158; seen in the cluster chaos test 2b,
+   after the broker-loss tests). Fix: ``FerryRecovery`` (``recovery.py``, installed by
+   ``create_app`` with Faust's own check off) compares where this round's reading began. Test:
+   ``tests/chaos/test_cluster_scale_out.py::test_workers_join_leave_and_crash_under_steady_load``
+   caught it (1 of 2 full-suite runs); a direct reproduction is still to be written.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """

@@ -13,6 +13,7 @@ from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from app.kafka_clients import faust_broker_options
 from app.settings import Settings
 from app.topics import max_message_bytes
+from workers.faust_layer.recovery import FerryTableManager
 
 
 class PagesOnlyWeb(AiohttpWeb):
@@ -41,6 +42,8 @@ def create_app(settings: Settings, **overrides) -> faust.App:
         topic_disable_leader=True,  # no leader topic: Ferry has no on_leader timers
         web="ferry-pages://", web_port=settings.worker_web_port, web_bind=settings.worker_web_host,
         autodiscover=False, datadir=os.path.join(settings.worker_data_dir, "{conf.name}-data"),
+        # Ferry's recovery runs the store-ahead-of-changelog check itself (Faust's races a standby).
+        TableManager=FerryTableManager, recovery_consistency_check=False,
         broker_commit_interval=1.0,  # after a crash, less is taken again than Faust's 2.8 s leaves
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=settings.kafka_session_timeout_seconds / 4,
