@@ -63,6 +63,12 @@ reproduces it against a real broker and fails without the fix:
    Fix: ``JobsTable`` applies each record read once recovery has ended at once, and its changelog
    queue is not emptied on resume. Test:
    ``tests/workers/test_faust_layer.py::test_records_recovery_read_are_in_the_table``.
+12. At every assignment Faust seeks the partitions to their committed offsets through aiokafka's
+   ``seek_to_committed``, which asks the group coordinator for one partition at a time: a worker
+   holds about a hundred partitions, so on a three-broker cluster 0.5-2 s of each rebalance went
+   on those round trips before a moved partition's first call. Fix:
+   ``FerryConsumer.seek_to_committed`` asks for all of them in one request. Test:
+   ``::test_the_seek_to_committed_asks_once``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """
