@@ -386,6 +386,49 @@ async def check_the_stall_check_skips_a_partition_not_yet_positioned(settings: S
         consumer.verify_event_path(time.monotonic(), TP(name, 0))  # Faust's: AssertionError
 
 
+async def check_the_seek_to_committed_asks_once(settings: Settings, transport_cls: type,
+                                               partitions: int = 6) -> None:
+    """At every assignment Faust seeks each partition to its committed offset (``perform_seek``),
+    and aiokafka's ``seek_to_committed`` asks the group coordinator once per partition, in turn:
+    a worker holds about a hundred partitions, so on a three-broker cluster 0.5-2 s of every
+    rebalance went on those round trips. One request must fetch them all, and each partition must
+    land on its committed offset (records before it are not delivered again)."""
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, broker_commit_interval=3600, broker_commit_every=1_000_000,
+                    stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    await create_topic(bootstrap, name, partitions)
+    await produce(bootstrap, name, {p: [(None, b"r")] * 10 for p in range(partitions)})
+    committed = {p: 2 + p for p in range(partitions)}
+    await commit_for_group(bootstrap, app.conf.id, {TopicPartition(name, p): o for p, o in committed.items()})
+    delivered: dict[int, list[int]] = collections.defaultdict(list)
+
+    @app.agent(topic)
+    async def hold(stream):
+        async for event in stream.noack().events():  # nothing acked: the committed offsets stay
+            delivered[event.message.partition].append(event.message.offset)
+
+    async with faust_app_running(app, stop_timeout=30):
+        await wait_until(lambda: all(delivered[p][-1:] == [9] for p in committed), STARTUP_TIMEOUT, "the records")
+        aiokafka_consumer = app.consumer._thread._ensure_consumer()
+        coordinator = aiokafka_consumer._coordinator
+        asked: list[list[TopicPartition]] = []
+        fetch = coordinator._do_fetch_commit_offsets
+
+        async def counted(tps):
+            asked.append(list(tps))
+            return await fetch(tps)
+
+        coordinator._do_fetch_commit_offsets = counted
+        sought = await app.consumer.seek_to_committed()
+        positions = {p: await aiokafka_consumer.position(TopicPartition(name, p)) for p in committed}
+    assert {p: min(offsets) for p, offsets in delivered.items()} == committed  # the seek at start-up
+    assert {tp.partition: offset for tp, offset in sought.items() if tp.topic == name} == committed
+    assert positions == committed
+    assert len(asked) == 1, f"{len(asked)} requests to the coordinator for {len(sought)} partitions"
+
+
 # -- 3. A commit passes an unacked record (#606) ---------------------------------------------------------------
 
 async def check_commit_stops_at_the_first_unacked_record(settings: Settings, transport_cls: type,

@@ -43,6 +43,9 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
   still in the changelog queue when recovery resumes the flow are thrown away
   (``clear_on_resume=True``, tables/manager.py:112-115; mode ``FlowControlEvent.resume``), the
   consumer past them.
+- ``test_the_seek_to_committed_asks_once``: at each assignment ``perform_seek`` calls aiokafka's
+  ``seek_to_committed``, which asks the group coordinator for one partition at a time (aiokafka
+  consumer.py ``seek_to_committed`` -> ``committed``): about a hundred round trips per rebalance.
 """
 
 from __future__ import annotations
@@ -100,3 +103,8 @@ async def test_the_stall_check_skips_a_partition_not_yet_positioned(settings: Se
 @pytest.mark.parametrize("hold", [False, True], ids=["buffered", "queue-cleared"])
 async def test_records_recovery_read_are_in_the_table(settings: Settings, hold: bool) -> None:
     await faust_repro.check_records_recovery_read_are_in_the_table(settings, FerryTransport, JobsTable, hold)
+
+
+@pytest.mark.timeout(300)
+async def test_the_seek_to_committed_asks_once(settings: Settings) -> None:
+    await faust_repro.check_the_seek_to_committed_asks_once(settings, FerryTransport)

@@ -71,6 +71,12 @@ reproduces it against a real broker and fails without the fix:
    ``create_app`` with Faust's own check off) compares where this round's reading began. Test:
    ``tests/chaos/test_cluster_scale_out.py::test_workers_join_leave_and_crash_under_steady_load``
    caught it (1 of 2 full-suite runs); a direct reproduction is still to be written.
+13. At every assignment Faust seeks the partitions to their committed offsets through aiokafka's
+   ``seek_to_committed``, which asks the group coordinator for one partition at a time: a worker
+   holds about a hundred partitions, so on a three-broker cluster 0.5-2 s of each rebalance went
+   on those round trips before a moved partition's first call. Fix:
+   ``FerryConsumer.seek_to_committed`` asks for all of them in one request. Test:
+   ``::test_the_seek_to_committed_asks_once``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """
