@@ -60,8 +60,8 @@ reproduces it against a real broker and fails without the fix:
    again after it and called again. And ``flow_control.resume()``, which recovery calls up to three
    times, empties the changelog queue: records handed over are lost, the consumer past them (a
    standby can keep a job ``processing`` that the changelog has finished: resumed as an orphan).
-   Fix: ``JobsTable`` applies each record read once recovery has ended at once, and its changelog
-   queue is not emptied on resume. Test:
+   Fix: ``JobsTable`` applies each record read once recovery has ended at once, and
+   ``FerryTableManager``'s changelog queue (``recovery.py``) is not emptied on resume. Test:
    ``tests/workers/test_faust_layer.py::test_records_recovery_read_are_in_the_table``.
 12. Recovery's check that a store is not ahead of its changelog (a topic emptied under a kept
    store) compared a standby's *live* read offset with a highwater measured later: once the

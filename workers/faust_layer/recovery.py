@@ -1,4 +1,4 @@
-"""Faust's table recovery, with its store-ahead-of-changelog check made against offsets read from the store."""
+"""Faust's table manager and recovery: a changelog queue kept across resumes, the store check at reading's start."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from faust.types import TP
 class FerryRecovery(Recovery):
     """Faust's recovery; the check that no store is ahead of its changelog (a topic emptied under a
     kept store) compares where reading starts with the highwater. Faust compared a standby's live
-    read offset, which passes the highwater whenever a record written while it is measured has
-    been read meanwhile: the worker crashed (Faust #158)."""
+    read offset: the standby is read during the active recovery, and a highwater measured after
+    that can be behind what was read (a leader elected moments before answers with its lagging
+    highwater): the worker crashed (Faust #158)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -27,7 +28,7 @@ class FerryRecovery(Recovery):
 
     async def _build_highwaters(self, consumer, tps, destination, title) -> None:
         await super()._build_highwaters(consumer, tps, destination, title)
-        if title == "standby":  # measured while the standbys are read
+        if title == "standby":  # measured after the standbys were read for a while
             self._check(tps, self._start_offsets, destination)
 
     @staticmethod
@@ -38,7 +39,15 @@ class FerryRecovery(Recovery):
 
 
 class FerryTableManager(TableManager):
-    """Faust's table manager, recovering with ``FerryRecovery``."""
+    """Faust's table manager, recovering with ``FerryRecovery``; its changelog queue is not emptied
+    when the flow resumes (recovery resumes it up to three times): records handed over were lost,
+    the consumer and recovery's offsets past them."""
+
+    @property
+    def changelog_queue(self):
+        if self._changelog_queue is None:
+            self._changelog_queue = self.app.FlowControlQueue(maxsize=self.app.conf.stream_buffer_maxsize)
+        return self._changelog_queue
 
     @property
     def recovery(self) -> Recovery:

@@ -55,9 +55,6 @@ class JobsTable(faust.Table):
     def __init__(self, app, **kwargs) -> None:
         super().__init__(app, **kwargs)
         self._unsent: collections.deque = collections.deque()  # writes not yet handed to the producer
-        # Faust's changelog queue is emptied whenever the flow resumes (recovery resumes it up to
-        # three times): records handed over were lost, the consumer and recovery's offsets past them.
-        app.tables._changelog_queue = app.FlowControlQueue(maxsize=app.conf.stream_buffer_maxsize)
 
     async def on_changelog_event(self, event) -> None:
         """Once recovery has ended, Faust keeps the changelog records it reads in a buffer, applied at
