@@ -429,6 +429,41 @@ async def check_the_seek_to_committed_asks_once(settings: Settings, transport_cl
     assert len(asked) == 1, f"{len(asked)} requests to the coordinator for {len(sought)} partitions"
 
 
+async def check_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings, transport_cls: type,
+                                                            longest_hold_ms: int = 250) -> None:
+    """A broker answers a connection's requests in order, so an offset lookup (recovery makes three
+    at every rebalance, a reset partition one) sent while an idle fetch is held waits until the
+    broker gives that fetch up: Faust asks it to hold each fetch 1.5 s, and each lookup of a
+    rebalance on the cluster took 1.5-1.7 s. While an idle worker looks up highwaters, every fetch
+    it sends may be held at most ``longest_hold_ms``, and the lookups are answered."""
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, 2)
+    await create_topic(bootstrap, name, 2)
+    await produce(bootstrap, name, {0: [(None, b"r")], 1: [(None, b"r")] * 3})
+    delivered = _collecting_agent(app, topic)  # offsets: 0 of partition 0; 0, 1, 2 of partition 1
+
+    async with faust_app_running(app, stop_timeout=30):
+        await wait_until(lambda: len(delivered) == 3, STARTUP_TIMEOUT, "the records")  # then idle
+        client = app.consumer._thread._ensure_consumer()._client
+        holds: list[int] = []
+        send = client.send
+
+        async def recorded(node_id, request, **kwargs):
+            if type(request).__name__ == "FetchRequest":  # aiokafka's, versioned when sent
+                holds.append(request._max_wait_ms)
+            return await send(node_id, request, **kwargs)
+
+        client.send = recorded
+        highwaters = [await app.consumer.highwaters(TP(name, 0), TP(name, 1)) for _ in range(3)]
+        await wait_until(lambda: len(holds) >= 3, STARTUP_TIMEOUT, "fetches while idle")
+        client.send = send
+    assert highwaters == [{TP(name, 0): 1, TP(name, 1): 3}] * 3
+    assert max(holds) <= longest_hold_ms, (
+        f"fetches held up to {max(holds)} ms: each offset lookup waits behind one")
+
+
 # -- 3. A commit passes an unacked record (#606) ---------------------------------------------------------------
 
 async def check_commit_stops_at_the_first_unacked_record(settings: Settings, transport_cls: type,

@@ -46,6 +46,9 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
 - ``test_the_seek_to_committed_asks_once``: at each assignment ``perform_seek`` calls aiokafka's
   ``seek_to_committed``, which asks the group coordinator for one partition at a time (aiokafka
   consumer.py ``seek_to_committed`` -> ``committed``): about a hundred round trips per rebalance.
+- ``test_an_offset_lookup_waits_behind_no_long_fetch``: Faust's consumer asks the broker to hold
+  each fetch 1,500 ms (drivers/aiokafka.py ``_create_worker_consumer``), and an offset lookup on
+  the same connection is answered only after it.
 """
 
 from __future__ import annotations
@@ -108,3 +111,8 @@ async def test_records_recovery_read_are_in_the_table(settings: Settings, hold: 
 @pytest.mark.timeout(300)
 async def test_the_seek_to_committed_asks_once(settings: Settings) -> None:
     await faust_repro.check_the_seek_to_committed_asks_once(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+async def test_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings) -> None:
+    await faust_repro.check_an_offset_lookup_waits_behind_no_long_fetch(settings, FerryTransport)
