@@ -26,8 +26,9 @@ from faust.sensors import Sensor
 from faust.types import TP
 
 from app.settings import Settings
+from app.topics import partition_for
 from tests.helpers import wait_until
-from workers.faust_layer import create_app
+from workers.faust_layer import JobsTable, create_app
 
 STARTUP_TIMEOUT = 90  # a fresh group's first assignment, on a loaded machine
 
@@ -634,3 +635,105 @@ async def check_records_recovery_read_are_in_the_table(settings: Settings, trans
         after = values()
     assert (live, after) == ([b"pending"] * records, [b"completed"] * records), (
         f"when the table went live: {live}; after the owner's writes and a rebalance: {after}")
+
+
+# -- 6. Recovery's store check compares a standby's live read offset with a later highwater (#158) -----------
+
+async def check_a_standby_read_past_a_lagging_highwater_is_no_crash(settings: Settings, transport_cls: type,
+                                                                     before: int = 5, after: int = 10,
+                                                                     **overrides) -> None:
+    """Recovery checks that no store is ahead of its changelog: for a standby partition Faust compares
+    the offset read so far, live, with a highwater measured after the active recovery. A standby that
+    reads records between the two (here the records its changelog queue held when the rebalance
+    began, applied while the active recovery runs) is then past a highwater answer that lags them
+    (on the three-broker cluster, a leader elected moments before answered so), and the worker
+    crashed with ``ConsistencyError``. The worker must not crash, and the standby's table must hold
+    every record.
+
+    Two members of one group, so that each holds the other's changelog partition as a standby.
+    The standby's reading is held on the last of ``before`` records, so that ``after`` more wait in
+    the changelog queue as the rebalance begins; the highwater lookup of the standby, in the next
+    recovery, waits until they are read and is answered with the broker's genuine answer of before
+    they were written, as a lagging leader gives it. ``overrides`` are the apps' Faust settings:
+    Faust's ``Recovery`` with its check on (over a changelog queue kept across resumes: Faust's own
+    empties it, defect 11, and the standby never reads the queued records) crashes here.
+    """
+    bootstrap = settings.require_bootstrap_servers()
+    other = settings.model_copy(update={"worker_data_dir": f"{settings.worker_data_dir}-other",
+                                        "worker_web_port": settings.worker_web_port + 1})  # its own URL
+    apps = [build_app(s, transport_cls, JobsTable, store="rocksdb://", stream_wait_empty=False, **overrides)
+            for s in (settings, other)]
+    app = apps[0]  # the worker under test
+    tables = [a.Table("jobs", partitions=2, key_type=bytes, value_type=bytes) for a in apps]
+    table, recovery, consumer = tables[0], app.tables.recovery, app.consumer
+    changelog = table.changelog_topic.get_topic_name()
+    await create_topic(bootstrap, changelog, 2)
+
+    def standbys() -> set[TP]:
+        return {tp for tp in app.assignor.assigned_standbys() if tp.topic == changelog}
+
+    def settled() -> bool:
+        return all(a.tables.recovery.completed.is_set() and not a.rebalancing for a in apps)
+
+    async with contextlib.AsyncExitStack() as running:
+        for a in apps:
+            await running.enter_async_context(faust_app_running(a, stop_timeout=60))
+        await wait_until(lambda: standbys() and settled(), STARTUP_TIMEOUT, "a standby partition")
+        (target,) = standbys()
+        keys = [key for key in (b"job-%d" % n for n in range(1000))
+                if partition_for(key.decode(), 2) == target.partition][:before + after]
+        last = before + after - 1  # the last record's offset
+
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def hold_the_last_before(event) -> None:  # the standby busy with a record as the rebalance begins
+            if event.message.tp == target and event.message.offset == before - 1 and not release.is_set():
+                held.set()
+                await release.wait()
+
+        table._on_changelog_event = hold_the_last_before
+        await produce(bootstrap, changelog, {target.partition: [(key, b"before") for key in keys[:before]]})
+        await wait_until(held.is_set, 60, "the standby to read the records")
+        stale = await consumer.highwaters(target)  # the broker's answer, before the records below exist
+        await produce(bootstrap, changelog, {target.partition: [(key, b"after") for key in keys[before:]]})
+        queue = app.tables.changelog_queue
+        await wait_until(lambda: queue.qsize() == after, 60, lambda: f"{after} records queued ({queue.qsize()})")
+
+        generation = app.consumer_generation_id
+        build_offsets, highwaters = recovery._build_offsets, consumer.highwaters
+
+        async def offsets_then_release(consumer, tps, destination, title) -> None:
+            await build_offsets(consumer, tps, destination, title)
+            if title == "standby" and app.consumer_generation_id != generation:
+                release.set()  # the queued records are read while the active recovery runs
+
+        read_at_lookup: list[int | None] = []  # the standby's read offset when its highwater is looked up
+
+        async def lagging(*tps):
+            if set(tps) == {target} and release.is_set():
+                with contextlib.suppress(TimeoutError):  # until the queued records are read; asserted below
+                    async with asyncio.timeout(30):
+                        while recovery.standby_offsets.get(target) != last:
+                            await asyncio.sleep(0.05)
+                read_at_lookup.append(recovery.standby_offsets.get(target))
+                return dict(stale)
+            return await highwaters(*tps)
+
+        recovery._build_offsets, consumer.highwaters = offsets_then_release, lagging
+
+        async def rejoin() -> None:  # in the consumer's thread, where aiokafka's coordinator lives
+            consumer._thread._ensure_consumer()._coordinator.request_rejoin()
+
+        await consumer._thread.call_thread(rejoin)
+
+        def values() -> list[bytes | None]:
+            return [table.data.get(key) for key in keys]
+
+        expected = [b"before"] * before + [b"after"] * after
+        await wait_until(lambda: recovery.crash_reason is not None or (
+            app.consumer_generation_id != generation and settled() and values() == expected), 60,
+            lambda: f"the next recovery (standby {target} holds {values()})")
+        assert read_at_lookup[:1] == [last], f"the standby's read offset at its highwater lookup: {read_at_lookup}"
+        assert recovery.crash_reason is None, f"the worker crashed: {recovery.crash_reason!r}"
+        assert target in standbys(), "the rebalance moved the standby partition"
+        assert values() == expected

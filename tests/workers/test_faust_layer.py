@@ -49,6 +49,11 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
 - ``test_an_offset_lookup_waits_behind_no_long_fetch``: Faust's consumer asks the broker to hold
   each fetch 1,500 ms (drivers/aiokafka.py ``_create_worker_consumer``), and an offset lookup on
   the same connection is answered only after it.
+- ``test_a_standby_read_past_a_lagging_highwater_is_no_crash``: recovery's check that no store is
+  ahead of its changelog compares a standby's live read offset (``standby_offsets``, moved by the
+  records read during the active recovery) with a highwater looked up after them
+  (tables/recovery.py ``_restart_recovery``, ``E_PERSISTED_OFFSET``): an answer that lags those
+  records (a leader elected moments before) raised ``ConsistencyError``. Upstream: #158.
 """
 
 from __future__ import annotations
@@ -116,3 +121,8 @@ async def test_the_seek_to_committed_asks_once(settings: Settings) -> None:
 @pytest.mark.timeout(300)
 async def test_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings) -> None:
     await faust_repro.check_an_offset_lookup_waits_behind_no_long_fetch(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+async def test_a_standby_read_past_a_lagging_highwater_is_no_crash(settings: Settings) -> None:
+    await faust_repro.check_a_standby_read_past_a_lagging_highwater_is_no_crash(settings, FerryTransport)

@@ -69,8 +69,11 @@ reproduces it against a real broker and fails without the fix:
    the worker crashed with ``ConsistencyError`` (Faust #158; seen in the cluster chaos test 2b,
    after the broker-loss tests). Fix: ``FerryRecovery`` (``recovery.py``, installed by
    ``create_app`` with Faust's own check off) compares where this round's reading began. Test:
+   ``::test_a_standby_read_past_a_lagging_highwater_is_no_crash`` (the records the changelog
+   queue held at the rebalance, read during the active recovery, and the broker's earlier answer
+   replayed as the lagging one); the cluster chaos test
    ``tests/chaos/test_cluster_scale_out.py::test_workers_join_leave_and_crash_under_steady_load``
-   caught it (1 of 2 full-suite runs); a direct reproduction is still to be written.
+   caught it first (1 of 2 full-suite runs).
 13. At every assignment Faust seeks the partitions to their committed offsets through aiokafka's
    ``seek_to_committed``, which asks the group coordinator for one partition at a time: a worker
    holds about a hundred partitions, so on a three-broker cluster 0.5-2 s of each rebalance went
