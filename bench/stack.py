@@ -85,6 +85,9 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
 
 
+FERRY_MODULES = ("api", "workers")  # Ferry's own processes, run with its shipped settings
+
+
 @dataclass
 class Stack:
     """The processes of one run, started on demand and stopped at the end."""
@@ -93,9 +96,15 @@ class Stack:
     workdir: Path
     processes: list[FerryProcess] = field(default_factory=list)
 
+    def process(self, module: str, *args: str, **env: str) -> FerryProcess:
+        """``python -m module``, not started; Ferry's own at the shipped log level (FerryProcess's
+        default, WARNING, is the tests' choice), unless ``env`` says otherwise."""
+        if module in FERRY_MODULES:
+            env = {"FERRY_LOG_LEVEL": self.settings.log_level} | env
+        return FerryProcess(module, self.settings, self.workdir / f"{module}-{len(self.processes)}", *args, **env)
+
     def start(self, module: str, *args: str, **env: str) -> FerryProcess:
-        process = FerryProcess(module, self.settings, self.workdir / f"{module}-{len(self.processes)}",
-                               *args, **env).start()
+        process = self.process(module, *args, **env).start()
         self.processes.append(process)
         return process
 
@@ -165,7 +174,7 @@ def stack_settings(bootstrap: str, fake_port: int, **overrides) -> Settings:
     replicas = min(3, len(bootstrap.split(",")))
     values: dict[str, Any] = {
         "kafka_bootstrap_servers": bootstrap, "app_id": name, "topic_prefix": name, "api_port": free_port(),
-        "log_level": "WARNING", "topic_replication_factor": replicas,
+        "topic_replication_factor": replicas,
         "providers": {"fake": {"base_url": f"http://127.0.0.1:{fake_port}/v1"}},
     }
     return Settings(**(values | overrides))

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+from app.settings import Settings
 from bench.run import CLUSTER_SCENARIOS, SCENARIOS
-from deploy.processes import REPO_ROOT
+from bench.stack import FERRY_MODULES, Stack, stack_settings
+from deploy.processes import REPO_ROOT, free_port
 
 ONE_BROKER_SCENARIOS = [name for name in SCENARIOS if name not in CLUSTER_SCENARIOS]
 
@@ -75,3 +77,13 @@ def test_the_provider_client_comparison_measures_both_clients() -> None:
     measured = json.loads(run.stdout)["results"]["concurrency_8"]
     assert set(measured) == {"aiohttp", "httpx"}
     assert all(each["cpu_ms_per_call_median"] > 0 and each["calls_per_s_median"] > 0 for each in measured.values())
+
+
+def test_the_benchmarks_run_ferry_at_its_shipped_log_level(tmp_path) -> None:
+    """Benchmarks measure Ferry as a user gets it: the log level too (it was WARNING, not INFO)."""
+    stack = Stack(stack_settings("127.0.0.1:9092", free_port()), tmp_path)
+    shipped = Settings.model_fields["log_level"].default
+    assert stack.settings.log_level == shipped
+    for module in FERRY_MODULES:
+        assert stack.process(module).env["FERRY_LOG_LEVEL"] == shipped
+    assert stack.process("workers", FERRY_LOG_LEVEL="DEBUG").env["FERRY_LOG_LEVEL"] == "DEBUG"  # asked for
