@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,9 +11,10 @@ import sys
 import pytest
 
 from app.settings import Settings
+from bench.one_job_latency import HOPS
 from bench.run import CLUSTER_SCENARIOS, SCENARIOS
 from bench.stack import FERRY_MODULES, Stack, stack_settings
-from deploy.processes import REPO_ROOT, free_port
+from deploy.processes import REPO_ROOT, free_port, settings_env
 
 ONE_BROKER_SCENARIOS = [name for name in SCENARIOS if name not in CLUSTER_SCENARIOS]
 
@@ -87,3 +89,23 @@ def test_the_benchmarks_run_ferry_at_its_shipped_log_level(tmp_path) -> None:
     for module in FERRY_MODULES:
         assert stack.process(module).env["FERRY_LOG_LEVEL"] == shipped
     assert stack.process("workers", FERRY_LOG_LEVEL="DEBUG").env["FERRY_LOG_LEVEL"] == "DEBUG"  # asked for
+
+
+@pytest.mark.timeout(300)
+async def test_one_job_latency_splits_each_trip_at_its_records(kafka_bootstrap, tmp_path) -> None:
+    """``bench.one_job_latency --breakdown`` finds every job's four records and times each hop."""
+    fake_port = free_port()
+    stack = Stack(stack_settings(kafka_bootstrap, fake_port), tmp_path)
+    try:
+        stack.fake_provider(fake_port, 0.0)
+        _, url = await stack.api()
+        await stack.worker()
+        run = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bench.one_job_latency", "--url", url, "--jobs", "3", "--breakdown"],
+            cwd=REPO_ROOT, env=settings_env(stack.settings), check=True, timeout=240, capture_output=True, text=True)
+    finally:
+        await stack.close()
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("3 jobs, submit -> completed: median ")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [name for name, _, _ in HOPS]
+    assert all(line.endswith("(3 jobs)") for line in lines[1:]), run.stdout
