@@ -10,7 +10,7 @@
 200 (every 5 ms for its first 100 ms, then less often: ``poll_interval``); the latency is submit
 to terminal. ``poll``: closed-loop GETs of known ids.
 ``kafka``: the submit ceiling without Ferry: 1 KB records sent with the API's producer settings
-(acks=all, idempotent, linger 1 ms), each awaited like a submit.
+(acks=all, idempotent, no linger), each awaited like a submit.
 
 Every mode writes JSON: per-request ``[start_offset_s, latency_ms, status]``, and the
 generator's own CPU seconds and wall seconds (to show it was not the bottleneck).
@@ -139,7 +139,7 @@ async def kafka(args) -> Recorder:
     # The broker's security settings (FERRY_KAFKA_SECURITY_PROTOCOL...) as Ferry's processes take them.
     security = client_options(Settings(kafka_bootstrap_servers=args.bootstrap))
     producer = AIOKafkaProducer(**security, acks="all", enable_idempotence=True,
-                                linger_ms=1, max_batch_size=256 * 1024)
+                                linger_ms=0, max_batch_size=256 * 1024)
     await producer.start()
     value = json.dumps(chat_body(args.model)).encode()
     try:
