@@ -5,6 +5,8 @@
     python -m bench.load poll   --url URL --ids-file IDS --concurrency 64 --seconds 10 --out FILE
     python -m bench.load kafka  --bootstrap HOST:PORT --topic T --concurrency 64 --seconds 10 --out FILE
 
+Every HTTP mode takes ``--model`` and ``--header "Name: value"`` (repeatable) for another gateway.
+
 ``submit``: closed loop, each client POSTs a 1 KB chat job and waits for the answer.
 ``e2e``: open loop at a fixed offered rate; each job is submitted, then polled until it answers
 200 (every 5 ms for its first 100 ms, then less often: ``poll_interval``); the latency is submit
@@ -45,6 +47,12 @@ def poll_interval(waited: float) -> float:
     return 0.005 if waited < 0.1 else 0.02 if waited < 1.0 else 0.1 if waited < 3.0 else 0.05 * waited
 
 
+def headers(args) -> dict[str, str]:
+    """The ``--header "Name: value"`` options: what another gateway may need (its key, say)."""
+    pairs = [header.split(":", 1) for header in args.header]
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
 class Recorder:
     def __init__(self) -> None:
         self.began = time.perf_counter()
@@ -72,7 +80,7 @@ async def closed_loop(seconds: float, concurrency: int, one_request) -> Recorder
 async def submit(args) -> Recorder:
     raw = json.dumps(chat_body(args.model)).encode()
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+    async with aiohttp.ClientSession(args.url, connector=connector, headers=headers(args)) as session:
         async def one(_: int) -> int:
             async with session.post(args.path, data=raw, headers={"Content-Type": "application/json"}) as reply:
                 await reply.read()
@@ -85,7 +93,7 @@ async def e2e(args) -> Recorder:
     raw = json.dumps(chat_body(args.model)).encode()
     recorder = Recorder()
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+    async with aiohttp.ClientSession(args.url, connector=connector, headers=headers(args)) as session:
         async def job() -> None:
             started = time.perf_counter()
             async with session.post(CHAT, data=raw, headers={"Content-Type": "application/json"}) as reply:
@@ -117,7 +125,7 @@ async def poll(args) -> Recorder:
     with open(args.ids_file) as ids_file:
         ids = json.load(ids_file)
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(args.url, connector=connector) as session:
+    async with aiohttp.ClientSession(args.url, connector=connector, headers=headers(args)) as session:
         polls = 0
 
         async def one(number: int) -> int:
@@ -165,8 +173,11 @@ def main() -> None:
     parser.add_argument("--ids-file")
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
+    parser.add_argument("--header", action="append", default=[], help='"Name: value", sent with every request')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if any(":" not in header for header in args.header):
+        parser.error('--header takes "Name: value"')
     use_uvloop()  # less CPU per request: the generator must not be what limits a figure
     recorder = asyncio.run(globals()[args.mode](args))
     usage = resource.getrusage(resource.RUSAGE_SELF)

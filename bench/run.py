@@ -15,7 +15,9 @@ every job's call in flight: how soon its replacement has started each one again,
 and two on the local three-node cluster: ``failover`` (a leader node SIGKILLed, a follower
 SIGKILLed, a rolling restart with SIGTERM, each under steady load: 503s, submit latency, lost
 jobs; ``bench/cluster_faults.py``) and ``scale`` (completed jobs/s and CPU per job of each
-process kind with 1, 2 and 3 workers; ``bench/scale.py``).
+process kind with 1, 2 and 3 workers; ``bench/scale.py``). Only when named: ``compare`` (the
+same loads on Ferry and on another implementation of the async API: ``--compare-url``;
+``bench/compare.py``).
 
 Each run writes ``results.json`` and ``chart.png`` under ``bench/results/<UTC time>/``. The load
 generator (``bench/load.py``) runs in its own process and reports its own CPU.
@@ -28,11 +30,9 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +44,7 @@ from app.settings import Settings
 from app.topics import declare_topics, partition_for
 from bench.cluster_faults import KINDS as FAULT_KINDS
 from bench.cluster_faults import BrokerFault, scenario_failover
+from bench.compare import DEFAULT_FAKE_PORT, Compare, scenario_compare
 from bench.load import CHAT
 from bench.scale import Scale, scenario_scale
 from bench.stack import (
@@ -51,11 +52,13 @@ from bench.stack import (
     Sampler,
     Stack,
     first_after,
+    latency_summary,
     longest_gap,
     marked_body,
     percentile,
     pid_of,
     post_job,
+    run_load,
     stack_settings,
     submit_many,
     wait_all_terminal,
@@ -66,6 +69,8 @@ from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
 SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume", "failover", "scale")
+# Run only when named (they need something from the user): ``compare`` another gateway's URL.
+ON_REQUEST = ("compare",)
 # These run on the local three-node cluster (started for them when it does not run), the rest on one broker.
 CLUSTER_SCENARIOS = ("failover", "scale")
 
@@ -102,27 +107,8 @@ class Sizes:
 
 
 
-def latency_summary(load: dict, ok_status: int) -> dict:
-    samples = load["samples"]
-    ok = [latency for _, latency, status in samples if status == ok_status]
-    statuses: dict[str, int] = {}
-    for _, _, status in samples:
-        statuses[str(status)] = statuses.get(str(status), 0) + 1
-    wall = load["wall_seconds"]
-    return {"requests": len(samples), "ok": len(ok), "statuses": statuses, "per_second": round(len(ok) / wall, 1),
-            "p50_ms": percentile(ok, 0.50), "p99_ms": percentile(ok, 0.99), "p999_ms": percentile(ok, 0.999),
-            "mean_ms": round(statistics.fmean(ok), 2) if ok else None,
-            "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1)}
 
 
-
-
-
-
-def run_load(workdir: Path, mode: str, *args: str) -> dict:
-    out = workdir / f"load-{mode}-{uuid.uuid4().hex[:6]}.json"
-    subprocess.run([sys.executable, "-m", "bench.load", mode, "--out", str(out), *args], cwd=REPO_ROOT, check=True)
-    return json.loads(out.read_text())
 
 
 # The in-flight scenario's target is 2,000 calls at once: its worker may hold twice that. The
@@ -172,6 +158,8 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
     fake_port = free_port()
     stack = Stack(stack_settings(bootstrap, fake_port, **worker_settings), workdir)
     results: dict = {"provider_latency_s": latency}
+    if worker_settings:
+        results["settings_changed"] = worker_settings  # from the shipped defaults, for this scenario
     try:
         stack.fake_provider(fake_port, latency)
         api, url = await stack.api()
@@ -631,7 +619,8 @@ def machine() -> dict:
             "aiohttp": aiohttp.__version__, "kafka": "4.1.1 (local KRaft: one node; failover and scale on three)"}
 
 
-async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bool = False) -> Path:
+async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bool = False,
+              compare: Compare | None = None) -> Path:
     handle = locate(Settings())
     cluster = LocalKafkaCluster(port=Settings().local_kafka_cluster_port)
     cluster_was_running = any(pid is not None for pid in cluster.running().values())
@@ -669,6 +658,8 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
             elif scenario == "scale":
                 results["scenarios"]["scale"] = await scenario_scale(
                     cluster, workdir, Scale(rate=sizes.scale_rate, seconds=sizes.scale_seconds))
+            elif scenario == "compare" and compare is not None:
+                results["scenarios"]["compare"] = await scenario_compare(bootstrap, workdir, sizes, compare)
     finally:
         handle.release()
         if not cluster_was_running and (on_cluster or set(scenarios) & set(CLUSTER_SCENARIOS)):
@@ -698,12 +689,26 @@ def main() -> None:
     parser.add_argument("--scale-rate", type=int, help="offered rate of the scale scenario (jobs/s)")
     parser.add_argument("--on-cluster", action="store_true",
                         help="run every scenario on the local three-node cluster (topics at three replicas)")
+    parser.add_argument("--compare-url", help="compare: the other implementation's base URL")
+    parser.add_argument("--compare-model", default="fake/gpt-4o-mini",
+                        help="compare: the model the other routes to the fake provider")
+    parser.add_argument("--compare-header", action="append", default=[],
+                        help='compare: "Name: value" sent to the other with every request (repeatable)')
+    parser.add_argument("--compare-pid", type=int, help="compare: the other's process id, for its CPU")
+    parser.add_argument("--fake-port", type=int, default=DEFAULT_FAKE_PORT,
+                        help="compare: the fake provider's port (the other's OpenAI base URL: http://127.0.0.1:PORT/v1)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = parser.parse_args()
     scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
-    unknown = set(scenarios) - set(SCENARIOS)
+    unknown = set(scenarios) - set(SCENARIOS) - set(ON_REQUEST)
     if unknown:
-        parser.error(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS}")
+        parser.error(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS + ON_REQUEST}")
+    if ("compare" in scenarios) != bool(args.compare_url):
+        parser.error("--compare-url and the compare scenario go together")
+    if any(":" not in header for header in args.compare_header):
+        parser.error('--compare-header takes "Name: value"')
+    compare = Compare(args.compare_url, args.compare_model, args.compare_header, args.fake_port,
+                      args.compare_pid) if args.compare_url else None
     if "poll" in scenarios and "backlog" not in scenarios:
         scenarios.append("backlog")  # poll reads the table the backlog leaves
     sizes = Sizes.quick() if args.quick else Sizes()
@@ -721,7 +726,7 @@ def main() -> None:
         sizes.failover_seconds = args.failover_seconds
     if args.scale_rate:
         sizes.scale_rate = args.scale_rate
-    asyncio.run(run(scenarios, sizes, Path(args.out), args.on_cluster))
+    asyncio.run(run(scenarios, sizes, Path(args.out), args.on_cluster, compare))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import asyncio
 import itertools
 import json
 import os
+import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from app.kafka_clients import client_options
 from app.settings import Settings
 from bench.load import CHAT
-from deploy.processes import FerryProcess, free_port
+from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
 
 class Sampler:
@@ -273,3 +276,23 @@ def first_after(moment: float | None, times: list[float]) -> float | None:
     first = min((t for t in times if t >= moment), default=None)
     return round(first - moment, 3) if first is not None else None
 
+
+def latency_summary(load: dict, ok_status: int) -> dict:
+    """A load's answers: counts by status, rate, percentiles of the ``ok_status`` ones, the generator's CPU."""
+    samples = load["samples"]
+    ok = [latency for _, latency, status in samples if status == ok_status]
+    statuses: dict[str, int] = {}
+    for _, _, status in samples:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    wall = load["wall_seconds"]
+    return {"requests": len(samples), "ok": len(ok), "statuses": statuses, "per_second": round(len(ok) / wall, 1),
+            "p50_ms": percentile(ok, 0.50), "p99_ms": percentile(ok, 0.99), "p999_ms": percentile(ok, 0.999),
+            "mean_ms": round(statistics.fmean(ok), 2) if ok else None,
+            "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1)}
+
+
+def run_load(workdir: Path, mode: str, *args: str) -> dict:
+    """``python -m bench.load mode args``, in a process of its own; what it wrote."""
+    out = workdir / f"load-{mode}-{uuid.uuid4().hex[:6]}.json"
+    subprocess.run([sys.executable, "-m", "bench.load", mode, "--out", str(out), *args], cwd=REPO_ROOT, check=True)
+    return json.loads(out.read_text())

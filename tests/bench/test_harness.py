@@ -109,3 +109,37 @@ async def test_one_job_latency_splits_each_trip_at_its_records(kafka_bootstrap, 
     assert lines[0].startswith("3 jobs, submit -> completed: median ")
     assert [line.split(":")[0].strip() for line in lines[1:]] == [name for name, _, _ in HOPS]
     assert all(line.endswith("(3 jobs)") for line in lines[1:]), run.stdout
+
+
+@pytest.mark.timeout(600)
+async def test_compare_puts_ferry_and_another_gateway_side_by_side(kafka_bootstrap, tmp_path) -> None:
+    """``--scenarios compare``: the same loads on Ferry and on the other URL (here a second Ferry,
+    whose provider is the fake the harness starts on ``--fake-port``), in one results file."""
+    fake_port = free_port()
+    other = Stack(stack_settings(kafka_bootstrap, fake_port), tmp_path / "other")
+    try:
+        other_api, other_url = await other.api()
+        await other.worker()
+        await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bench.run", "--quick", "--scenarios", "compare",
+                             "--compare-url", other_url, "--fake-port", str(fake_port),
+                             "--compare-header", "X-Bench: 1", "--compare-pid", str(other_api.pid),
+                             "--out", str(tmp_path / "runs")],
+            cwd=REPO_ROOT, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}, check=True, timeout=560)
+    finally:
+        await other.close()
+    [run_dir] = (tmp_path / "runs").iterdir()
+    compare = json.loads((run_dir / "results.json").read_text())["scenarios"]["compare"]
+    assert compare["fake_provider"] == f"http://127.0.0.1:{fake_port}/v1"
+    assert compare["other"]["url"] == other_url and compare["ferry"]["url"] != other_url
+    for side in (compare["ferry"], compare["other"]):
+        assert side["e2e_rate_50"]["statuses"] == {"200": 100}  # 50/s for 2 s, every job completed
+        assert side["submit"]["ok"] > 0 and side["submit"]["statuses"] == {"202": side["submit"]["requests"]}
+    assert compare["other"]["e2e_rate_50"]["other"]["cpu_percent"] > 0  # its process sampled
+    assert compare["ferry"]["e2e_rate_50"]["worker"]["cpu_percent"] > 0
+
+
+def test_compare_needs_its_url() -> None:
+    run = subprocess.run([sys.executable, "-m", "bench.run", "--scenarios", "compare"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--compare-url and the compare scenario go together" in run.stderr
