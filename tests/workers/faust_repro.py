@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.protocol.offset import OffsetResetStrategy
 from faust.contrib.asgi import faust_app_running
+from faust.exceptions import ConsistencyError
 from faust.sensors import Sensor
 from faust.types import TP
 
@@ -637,7 +638,7 @@ async def check_records_recovery_read_are_in_the_table(settings: Settings, trans
         f"when the table went live: {live}; after the owner's writes and a rebalance: {after}")
 
 
-# -- 6. Recovery's store check compares a standby's live read offset with a later highwater (#158) -----------
+# -- 6. Recovery's store check takes a lagging highwater, or a standby's live read offset, as final (#158) -----
 
 async def check_a_standby_read_past_a_lagging_highwater_is_no_crash(settings: Settings, transport_cls: type,
                                                                      before: int = 5, after: int = 10,
@@ -736,4 +737,68 @@ async def check_a_standby_read_past_a_lagging_highwater_is_no_crash(settings: Se
         assert read_at_lookup[:1] == [last], f"the standby's read offset at its highwater lookup: {read_at_lookup}"
         assert recovery.crash_reason is None, f"the worker crashed: {recovery.crash_reason!r}"
         assert target in standbys(), "the rebalance moved the standby partition"
+        assert values() == expected
+
+
+async def check_an_active_store_past_a_lagging_highwater(settings: Settings, transport_cls: type,
+                                                         lags: Literal["once", "always"] = "once",
+                                                         before: int = 5, after: int = 5) -> None:
+    """Recovery checks that no store is ahead of its changelog: for an active partition, the offset
+    its store persisted (its own writes, once Kafka acknowledged them) with the highwater looked up
+    at the rebalance. A leader elected moments before answers with a highwater that lags the writes
+    it has (until its followers' next fetch), and the worker crashed with ``ConsistencyError``.
+
+    One app recovers ``before`` changelog records and keeps the broker's answer; its table then
+    writes ``after`` more, and a rejoin starts a rebalance whose highwater lookup is answered with
+    that earlier answer: ``lags="once"``, the first lookup only (a leader that catches up): the
+    worker must not crash, its bookkeeping must hold the real highwater and the table every value;
+    ``lags="always"``, every lookup (the changelog really is behind the store): it must crash.
+    """
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, JobsTable, store="rocksdb://", stream_wait_empty=False)
+    table = app.Table("jobs", partitions=1, key_type=bytes, value_type=bytes)
+    recovery, consumer = app.tables.recovery, app.consumer
+    changelog = table.changelog_topic.get_topic_name()
+    target, last = TP(changelog, 0), before + after - 1
+    await create_topic(bootstrap, changelog, 1)
+    keys = [b"job-%d" % n for n in range(before + after)]
+    await produce(bootstrap, changelog, {0: [(key, b"before") for key in keys[:before]]})
+    expected = [b"before"] * before + [b"after"] * after
+
+    def values() -> list[bytes | None]:
+        return [table.data.get(key) for key in keys]
+
+    async with faust_app_running(app, stop_timeout=60):
+        await wait_until(lambda: recovery.completed.is_set() and not app.rebalancing
+                         and values()[:before] == expected[:before], STARTUP_TIMEOUT, "the table's recovery")
+        stale = await consumer.highwaters(target)  # the broker's answer, before the writes below
+        await asyncio.gather(*(table.write(key, b"after") for key in keys[before:]))
+        await wait_until(lambda: table.persisted_offset(target) == last, 60,
+                         lambda: f"the store's offset {last} (at {table.persisted_offset(target)})")
+
+        generation, highwaters = app.consumer_generation_id, consumer.highwaters
+        lagged: list[dict] = []  # the lagging answers given
+
+        async def lagging(*tps):
+            if target in tps and app.consumer_generation_id != generation and (lags == "always" or not lagged):
+                lagged.append({**(await highwaters(*tps)), **stale})
+                return lagged[-1]
+            return await highwaters(*tps)
+
+        consumer.highwaters = lagging
+
+        async def rejoin() -> None:  # in the consumer's thread, where aiokafka's coordinator lives
+            consumer._thread._ensure_consumer()._coordinator.request_rejoin()
+
+        await consumer._thread.call_thread(rejoin)
+        await wait_until(lambda: recovery.crash_reason is not None or (
+            app.consumer_generation_id != generation and recovery.completed.is_set() and not app.rebalancing), 60,
+            "the next recovery")
+        assert lagged, "no highwater lookup in the next recovery"
+        if lags == "always":
+            assert isinstance(recovery.crash_reason, ConsistencyError), (
+                f"a store ahead of its changelog at every lookup: crash {recovery.crash_reason!r}")
+            return
+        assert recovery.crash_reason is None, f"the worker crashed: {recovery.crash_reason!r}"
+        assert recovery.active_highwaters[target] == last, f"highwater kept: {recovery.active_highwaters[target]}"
         assert values() == expected

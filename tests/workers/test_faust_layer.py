@@ -126,3 +126,13 @@ async def test_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings) -
 @pytest.mark.timeout(300)
 async def test_a_standby_read_past_a_lagging_highwater_is_no_crash(settings: Settings) -> None:
     await faust_repro.check_a_standby_read_past_a_lagging_highwater_is_no_crash(settings, FerryTransport)
+
+
+@pytest.mark.timeout(300)
+async def test_an_active_store_past_a_lagging_highwater_is_no_crash(settings: Settings) -> None:
+    await faust_repro.check_an_active_store_past_a_lagging_highwater(settings, FerryTransport, "once")
+
+
+@pytest.mark.timeout(300)
+async def test_a_store_ahead_of_its_changelog_still_crashes(settings: Settings) -> None:
+    await faust_repro.check_an_active_store_past_a_lagging_highwater(settings, FerryTransport, "always")

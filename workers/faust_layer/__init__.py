@@ -64,15 +64,21 @@ reproduces it against a real broker and fails without the fix:
    ``FerryTableManager``'s changelog queue (``recovery.py``) is not emptied on resume. Test:
    ``tests/workers/test_faust_layer.py::test_records_recovery_read_are_in_the_table``.
 12. Recovery's check that a store is not ahead of its changelog (a topic emptied under a kept
-   store) compared a standby's *live* read offset with a highwater measured later: once the
-   standby had read a record past the answer Kafka gave (on the cluster, after leadership moved),
-   the worker crashed with ``ConsistencyError`` (Faust #158; seen in the cluster chaos test 2b,
-   after the broker-loss tests). Fix: ``FerryRecovery`` (``recovery.py``, installed by
-   ``create_app`` with Faust's own check off) compares where this round's reading began. Test:
-   ``::test_a_standby_read_past_a_lagging_highwater_is_no_crash`` (the records the changelog
+   store) compared a standby's *live* read offset with a highwater measured later, and took a
+   single highwater answer as final: once the standby had read a record past the answer Kafka gave
+   (on the cluster, after leadership moved: a leader elected moments before answers with its
+   lagging highwater until its followers' next fetch), or an active store had persisted its own
+   acknowledged writes past it, the worker crashed with ``ConsistencyError`` (Faust #158; seen in
+   the cluster chaos test 2b, after the broker-loss tests). Fix: ``FerryRecovery`` (``recovery.py``,
+   installed by ``create_app`` with Faust's own check off) compares where this round's reading
+   began, and a store found ahead has its highwater asked again (every 0.25 s, up to 5 s), the
+   fresh answer replacing the lagging one recovery reads up to; it raises only if still ahead.
+   Tests: ``::test_a_standby_read_past_a_lagging_highwater_is_no_crash`` (the records the changelog
    queue held at the rebalance, read during the active recovery, and the broker's earlier answer
-   replayed as the lagging one); the cluster chaos test
-   ``tests/chaos/test_cluster_scale_out.py::test_workers_join_leave_and_crash_under_steady_load``
+   replayed as the lagging one), ``::test_an_active_store_past_a_lagging_highwater_is_no_crash``
+   (a store's own writes past that answer, given once) and
+   ``::test_a_store_ahead_of_its_changelog_still_crashes`` (given at every lookup); the cluster
+   chaos test ``tests/chaos/test_cluster_scale_out.py::test_workers_join_leave_and_crash_under_steady_load``
    caught it first (1 of 2 full-suite runs).
 13. At every assignment Faust seeks the partitions to their committed offsets through aiokafka's
    ``seek_to_committed``, which asks the group coordinator for one partition at a time: a worker
