@@ -57,6 +57,7 @@ class Recorder:
     def __init__(self) -> None:
         self.began = time.perf_counter()
         self.samples: list[tuple[float, float, int]] = []
+        self.connection_errors = 0  # polls sent again on a new connection
 
     def add(self, started: float, status: int) -> None:
         now = time.perf_counter()
@@ -89,24 +90,40 @@ async def submit(args) -> Recorder:
         return await closed_loop(args.seconds, args.concurrency, one)
 
 
+# Connections the open-loop client keeps at most: a pool as a real client has, well under the API's
+# connection cap (4,096), where it closes idle connections and a pooled one can die under a request.
+E2E_CONNECTIONS = 1024
+CONNECTION_FAILED = 0  # the status recorded for a submit whose connection failed
+
+
 async def e2e(args) -> Recorder:
     raw = json.dumps(chat_body(args.model)).encode()
     recorder = Recorder()
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=E2E_CONNECTIONS)
     async with aiohttp.ClientSession(args.url, connector=connector, headers=headers(args)) as session:
         async def job() -> None:
             started = time.perf_counter()
-            async with session.post(CHAT, data=raw, headers={"Content-Type": "application/json"}) as reply:
-                body = await reply.json()
-                if reply.status != 202:
-                    recorder.add(started, reply.status)
-                    return
-            while True:
-                async with session.get(f"{CHAT}/{body['id']}") as reply:
-                    await reply.read()
+            try:
+                async with session.post(CHAT, data=raw, headers={"Content-Type": "application/json"}) as reply:
+                    body = await reply.json()
                     if reply.status != 202:
                         recorder.add(started, reply.status)
                         return
+            except aiohttp.ClientConnectionError:
+                recorder.add(started, CONNECTION_FAILED)  # not sent again: a POST may have been taken
+                return
+            while True:
+                try:
+                    async with session.get(f"{CHAT}/{body['id']}") as reply:
+                        await reply.read()
+                        if reply.status != 202:
+                            recorder.add(started, reply.status)
+                            return
+                except aiohttp.ClientConnectionError:
+                    # A pooled connection the server closed (at its connection cap it closes idle
+                    # ones): a client polls again, as this one does; counted in the output.
+                    recorder.connection_errors += 1
+                    continue
                 await asyncio.sleep(poll_interval(time.perf_counter() - started))
 
         tasks = []
@@ -183,7 +200,8 @@ def main() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     with open(args.out, "w") as out:
         json.dump({"mode": args.mode, "wall_seconds": round(time.perf_counter() - recorder.began, 3),
-                   "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "samples": recorder.samples}, out)
+                   "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "samples": recorder.samples,
+                   "connection_errors": recorder.connection_errors}, out)
 
 
 if __name__ == "__main__":

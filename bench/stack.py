@@ -288,7 +288,8 @@ def latency_summary(load: dict, ok_status: int) -> dict:
     return {"requests": len(samples), "ok": len(ok), "statuses": statuses, "per_second": round(len(ok) / wall, 1),
             "p50_ms": percentile(ok, 0.50), "p99_ms": percentile(ok, 0.99), "p999_ms": percentile(ok, 0.999),
             "mean_ms": round(statistics.fmean(ok), 2) if ok else None,
-            "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1)}
+            "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1),
+            "polls_sent_again": load.get("connection_errors", 0)}
 
 
 def run_load(workdir: Path, mode: str, *args: str) -> dict:
