@@ -5,7 +5,8 @@
     python -m bench.load poll   --url URL --ids-file IDS --concurrency 64 --seconds 10 --out FILE
     python -m bench.load kafka  --bootstrap HOST:PORT --topic T --concurrency 64 --seconds 10 --out FILE
 
-Every HTTP mode takes ``--model`` and ``--header "Name: value"`` (repeatable) for another gateway.
+Every HTTP mode takes ``--model`` and ``--header "Name: value"`` (repeatable) for another gateway;
+``e2e`` takes ``--max-wait S``: a job still waiting after S seconds is recorded with status 1.
 
 ``submit``: closed loop, each client POSTs a 1 KB chat job and waits for the answer.
 ``e2e``: open loop at a fixed offered rate; each job is submitted, then polled until it answers
@@ -94,6 +95,7 @@ async def submit(args) -> Recorder:
 # connection cap (4,096), where it closes idle connections and a pooled one can die under a request.
 E2E_CONNECTIONS = 1024
 CONNECTION_FAILED = 0  # the status recorded for a submit whose connection failed
+NOT_DONE_IN_TIME = 1  # the status recorded for a job still waiting after --max-wait seconds
 
 
 async def e2e(args) -> Recorder:
@@ -113,6 +115,9 @@ async def e2e(args) -> Recorder:
                 recorder.add(started, CONNECTION_FAILED)  # not sent again: a POST may have been taken
                 return
             while True:
+                if args.max_wait and time.perf_counter() - started > args.max_wait:
+                    recorder.add(started, NOT_DONE_IN_TIME)
+                    return
                 try:
                     async with session.get(f"{CHAT}/{body['id']}") as reply:
                         await reply.read()
@@ -190,6 +195,8 @@ def main() -> None:
     parser.add_argument("--ids-file")
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
+    parser.add_argument("--max-wait", type=float, help="e2e: seconds after which a job still waiting is "
+                        "recorded as not done (status 1) and no longer polled")
     parser.add_argument("--header", action="append", default=[], help='"Name: value", sent with every request')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

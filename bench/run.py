@@ -12,6 +12,8 @@ time), ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs), 
 (steady load while a second worker joins, then leaves on SIGTERM: the longest stretch without
 completions, lost jobs, provider calls made twice), ``resume`` (a worker SIGKILLed with
 every job's call in flight: how soon its replacement has started each one again, and its CPU),
+``mixed`` (a provider throttled to 60 calls a minute with a deep backlog beside one at full speed:
+the fast one's figures alone and beside it; ``bench/mixed.py``),
 and two on the local three-node cluster: ``failover`` (a leader node SIGKILLed, a follower
 SIGKILLed, a rolling restart with SIGTERM, each under steady load: 503s, submit latency, lost
 jobs; ``bench/cluster_faults.py``) and ``scale`` (completed jobs/s and CPU per job of each
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from bench.cluster_faults import KINDS as FAULT_KINDS
 from bench.cluster_faults import BrokerFault, scenario_failover
 from bench.compare import DEFAULT_FAKE_PORT, Compare, scenario_compare
 from bench.load import CHAT
+from bench.mixed import Mixed, scenario_mixed
 from bench.scale import Scale, scenario_scale
 from bench.stack import (
     RecordingFake,
@@ -68,7 +71,7 @@ from deploy.kafka.cluster import LocalKafkaCluster
 from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
-SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume", "failover", "scale")
+SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume", "mixed", "failover", "scale")
 # Run only when named (they need something from the user): ``compare`` another gateway's URL.
 ON_REQUEST = ("compare",)
 # These run on the local three-node cluster (started for them when it does not run), the rest on one broker.
@@ -92,13 +95,14 @@ class Sizes:
     failover_kinds: tuple[str, ...] = FAULT_KINDS
     scale_rate: int = 400
     scale_seconds: float = 25
+    mixed: Mixed = field(default_factory=Mixed)
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(seconds=2, concurrency=8, rates=(50,), inflight_rate=50, backlog_jobs=300, warmup_rate=50,
                    warmup_seconds=1, rebalance_rate=20, rebalance_seconds=24, resume_jobs=200,
                    failover_rate=20, failover_seconds=10, failover_kinds=("leader",), scale_rate=50,
-                   scale_seconds=8)
+                   scale_seconds=8, mixed=Mixed(backlog=20, rate=20, seconds=2, max_wait=20))
 
 
 
@@ -629,7 +633,7 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
     bootstrap = await asyncio.to_thread(cluster.start) if on_cluster else handle.bootstrap_servers
     workdir = out_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir.mkdir(parents=True)
-    results: dict = {"machine": machine(), "sizes": sizes.__dict__ | {"rates": list(sizes.rates)},
+    results: dict = {"machine": machine(), "sizes": asdict(sizes),
                      "kafka": "three-node cluster" if on_cluster else "one broker", "scenarios": {}}
     try:
         for scenario in scenarios:
@@ -658,6 +662,8 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
             elif scenario == "scale":
                 results["scenarios"]["scale"] = await scenario_scale(
                     cluster, workdir, Scale(rate=sizes.scale_rate, seconds=sizes.scale_seconds))
+            elif scenario == "mixed":
+                results["scenarios"]["mixed"] = await scenario_mixed(bootstrap, workdir, sizes.mixed)
             elif scenario == "compare" and compare is not None:
                 results["scenarios"]["compare"] = await scenario_compare(bootstrap, workdir, sizes, compare)
     finally:

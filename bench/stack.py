@@ -183,8 +183,8 @@ def stack_settings(bootstrap: str, fake_port: int, **overrides) -> Settings:
     return Settings(**(values | overrides))
 
 
-async def submit_many(url: str, count: int, concurrency: int = 64) -> list[str]:
-    body = json.dumps({"model": "fake/gpt-4o-mini",
+async def submit_many(url: str, count: int, concurrency: int = 64, model: str = "fake/gpt-4o-mini") -> list[str]:
+    body = json.dumps({"model": model,
                        "messages": [{"role": "user", "content": "x" * 900}]}).encode()
     ids: list[str] = []
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as session:

@@ -51,6 +51,10 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     resume = scenarios["resume"]
     assert resume["calls_before_kill"] == 200 and resume["jobs_started_again"] == 200
     assert resume["all_restarted_s_after_assignment"] is not None
+    mixed = scenarios["mixed"]  # 20 throttled jobs queued; 20 fast jobs/s for 2 s, alone then beside them
+    assert mixed["throttled_jobs_queued"] == 20
+    for load in (mixed["fast_alone"], mixed["fast_beside_throttled_backlog"]):
+        assert load["statuses"] == {"200": 40}, load["statuses"]
 
 
 @pytest.mark.timeout(900)
