@@ -31,7 +31,7 @@ DEFAULT_FAKE_PORT = 18099
 class Compare:
     url: str  # the other implementation's base URL
     model: str = "fake/gpt-4o-mini"  # the model it routes to the fake provider
-    headers: list[str] = field(default_factory=list)  # "Name: value", sent with every request to it
+    headers: list[tuple[str, str]] = field(default_factory=list)  # (name, value), sent with every request to it
     fake_port: int = DEFAULT_FAKE_PORT
     pid: int | None = None  # the other process, for its CPU
 
@@ -79,7 +79,9 @@ async def scenario_compare(bootstrap: str, workdir: Path, sizes, plan: Compare) 
                                                        {"api": pid_of(api), "worker": pid_of(worker)})
         for process in (api, worker):  # the other side runs alone; the fake stays up for it
             process.terminate(30)
-        extra = ["--model", plan.model] + [part for header in plan.headers for part in ("--header", header)]
+        extra = ["--model", plan.model]
+        for name, value in plan.headers:
+            extra += ["--header", f"{name}: {value}"]
         results["other"] = {"url": plan.url, "model": plan.model} | await measure(
             workdir, plan.url, sizes, {"other": plan.pid} if plan.pid else {}, *extra)
     finally:

@@ -48,10 +48,17 @@ def poll_interval(waited: float) -> float:
     return 0.005 if waited < 0.1 else 0.02 if waited < 1.0 else 0.1 if waited < 3.0 else 0.05 * waited
 
 
+def header(text: str) -> tuple[str, str]:
+    """An argparse type: ``"Name: value"``, a header another gateway may need (its key, say)."""
+    name, colon, value = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f'{text!r} is not "Name: value"')
+    return name.strip(), value.strip()
+
+
 def headers(args) -> dict[str, str]:
-    """The ``--header "Name: value"`` options: what another gateway may need (its key, say)."""
-    pairs = [header.split(":", 1) for header in args.header]
-    return {name.strip(): value.strip() for name, value in pairs}
+    """The ``--header`` options, as a session's headers."""
+    return dict(args.header)
 
 
 class Recorder:
@@ -197,11 +204,10 @@ def main() -> None:
     parser.add_argument("--topic")
     parser.add_argument("--max-wait", type=float, help="e2e: seconds after which a job still waiting is "
                         "recorded as not done (status 1) and no longer polled")
-    parser.add_argument("--header", action="append", default=[], help='"Name: value", sent with every request')
+    parser.add_argument("--header", type=header, action="append", default=[],
+                        help='"Name: value", sent with every request')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if any(":" not in header for header in args.header):
-        parser.error('--header takes "Name: value"')
     use_uvloop()  # less CPU per request: the generator must not be what limits a figure
     recorder = asyncio.run(globals()[args.mode](args))
     usage = resource.getrusage(resource.RUSAGE_SELF)

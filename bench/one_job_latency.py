@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer
@@ -38,10 +37,7 @@ HOPS = (
     ("outcome record -> 200 read (write acknowledged, read model, poll)", "completed", "seen"),
 )
 
-
-@dataclass
-class Trip:
-    moments: dict[str, float] = field(default_factory=dict)  # ms since the epoch
+Trip = dict[str, float]  # a job's moments, by name (as in HOPS), in ms since the epoch
 
 
 async def run(url: str, jobs: int, model: str) -> dict[str, Trip]:
@@ -49,18 +45,18 @@ async def run(url: str, jobs: int, model: str) -> dict[str, Trip]:
     trips: dict[str, Trip] = {}
     async with aiohttp.ClientSession(base_url=url) as session:
         for _ in range(jobs):
-            trip = Trip({"sent": time.time() * 1000})
+            trip: Trip = {"sent": time.time() * 1000}
             async with session.post("/v1/async/chat/completions", json=body) as response:
                 assert response.status == 202, await response.text()
                 job_id = (await response.json())["id"]
-            trip.moments["accepted"] = time.time() * 1000
+            trip["accepted"] = time.time() * 1000
             while True:
                 async with session.get(f"/v1/async/chat/completions/{job_id}") as response:
                     if response.status == 200:
                         assert (await response.json())["status"] == "completed"
                         break
                 await asyncio.sleep(0.001)
-            trip.moments["seen"] = time.time() * 1000
+            trip["seen"] = time.time() * 1000
             trips[job_id] = trip
     return trips
 
@@ -81,7 +77,7 @@ async def add_record_times(settings: Settings, trips: dict[str, Trip]) -> None:
                     job_id = record.key.decode() if record.key else None
                     if job_id not in trips or record.value is None:
                         continue
-                    moments = trips[job_id].moments
+                    moments = trips[job_id]
                     if tp.topic == topics[0]:
                         moments.setdefault("request", record.timestamp)
                     else:
@@ -93,12 +89,11 @@ async def add_record_times(settings: Settings, trips: dict[str, Trip]) -> None:
 
 
 def summary(trips: dict[str, Trip]) -> list[str]:
-    total = sorted(trip.moments["seen"] - trip.moments["sent"] for trip in trips.values())
+    total = sorted(trip["seen"] - trip["sent"] for trip in trips.values())
     lines = [f"{len(total)} jobs, submit -> completed: median {statistics.median(total):.1f} ms, "
              f"p90 {total[int(len(total) * 0.9) - 1]:.1f} ms, min {total[0]:.1f} ms, max {total[-1]:.1f} ms"]
     for name, begin, end in HOPS:
-        spans = sorted(trip.moments[end] - trip.moments[begin] for trip in trips.values()
-                       if begin in trip.moments and end in trip.moments)
+        spans = sorted(trip[end] - trip[begin] for trip in trips.values() if begin in trip and end in trip)
         if spans:
             lines.append(f"  {name}: median {statistics.median(spans):.1f} ms, "
                          f"p90 {spans[int(len(spans) * 0.9) - 1]:.1f} ms ({len(spans)} jobs)")

@@ -47,7 +47,7 @@ from app.topics import declare_topics, partition_for
 from bench.cluster_faults import KINDS as FAULT_KINDS
 from bench.cluster_faults import BrokerFault, scenario_failover
 from bench.compare import DEFAULT_FAKE_PORT, Compare, scenario_compare
-from bench.load import CHAT
+from bench.load import CHAT, header
 from bench.mixed import Mixed, scenario_mixed
 from bench.scale import Scale, scenario_scale
 from bench.stack import (
@@ -103,16 +103,6 @@ class Sizes:
                    warmup_seconds=1, rebalance_rate=20, rebalance_seconds=24, resume_jobs=200,
                    failover_rate=20, failover_seconds=10, failover_kinds=("leader",), scale_rate=50,
                    scale_seconds=8, mixed=Mixed(backlog=20, rate=20, seconds=2, max_wait=20))
-
-
-
-
-
-
-
-
-
-
 
 
 # The in-flight scenario's target is 2,000 calls at once: its worker may hold twice that. The
@@ -698,7 +688,7 @@ def main() -> None:
     parser.add_argument("--compare-url", help="compare: the other implementation's base URL")
     parser.add_argument("--compare-model", default="fake/gpt-4o-mini",
                         help="compare: the model the other routes to the fake provider")
-    parser.add_argument("--compare-header", action="append", default=[],
+    parser.add_argument("--compare-header", type=header, action="append", default=[],
                         help='compare: "Name: value" sent to the other with every request (repeatable)')
     parser.add_argument("--compare-pid", type=int, help="compare: the other's process id, for its CPU")
     parser.add_argument("--fake-port", type=int, default=DEFAULT_FAKE_PORT,
@@ -711,8 +701,6 @@ def main() -> None:
         parser.error(f"unknown scenarios: {sorted(unknown)}; choose from {SCENARIOS + ON_REQUEST}")
     if ("compare" in scenarios) != bool(args.compare_url):
         parser.error("--compare-url and the compare scenario go together")
-    if any(":" not in header for header in args.compare_header):
-        parser.error('--compare-header takes "Name: value"')
     compare = Compare(args.compare_url, args.compare_model, args.compare_header, args.fake_port,
                       args.compare_pid) if args.compare_url else None
     if "poll" in scenarios and "backlog" not in scenarios:
