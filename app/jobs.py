@@ -190,6 +190,9 @@ class JobState(_Record):
     request: RequestLocation | None = None
     runner: str | None = None  # the worker that started the latest attempt (its group member URL)
     retry: RetryInfo | None = None  # set while a processing job waits to retry a provider call
+    # Set while a pending job waits in its provider's lane: the provider; its request stays in
+    # Kafka at ``request`` until the lane starts it.
+    waiting_for: str | None = None
 
     @classmethod
     def pending(cls, request: JobRequest) -> JobState:
@@ -198,10 +201,13 @@ class JobState(_Record):
             created_at=request.created_at, ttl_seconds=request.ttl_seconds, owner=request.owner,
         )
 
+    def waiting(self, location: RequestLocation, provider: str) -> JobState:
+        return self.model_copy(update={"request": location, "waiting_for": provider})
+
     def processing(self, location: RequestLocation, runner: str | None = None) -> JobState:
         return self.model_copy(update={
             "status": JobStatus.processing, "attempts": self.attempts + 1, "request": location, "retry": None,
-            "runner": runner,
+            "runner": runner, "waiting_for": None,
         })
 
     def retrying(self, retry: RetryInfo) -> JobState:

@@ -136,6 +136,7 @@ class WorkerSnapshot:
     """What the worker reports at scrape time rather than counts as it goes."""
 
     jobs_in_flight: int = 0
+    jobs_waiting: dict[str, int] = field(default_factory=dict)  # per limited provider, in its lane
     possible_duplicate_calls: int = 0
     duplicate_outcomes: int = 0
     dead_lettered_jobs: int = 0
@@ -153,6 +154,10 @@ class _SnapshotCollector(Collector):
         in_flight = GaugeMetricFamily("ferry_worker_jobs_in_flight",
                                       "Jobs whose provider calls run in this worker now.")
         in_flight.add_metric([], snap.jobs_in_flight)
+        waiting = GaugeMetricFamily("ferry_worker_jobs_waiting", "Jobs waiting in this worker for a limited "
+                                    "provider's room (their requests in Kafka), by provider.", labels=["provider"])
+        for provider, count in sorted(snap.jobs_waiting.items()):
+            waiting.add_metric([provider], count)
         duplicates = CounterMetricFamily(
             "ferry_worker_possible_duplicate_calls", "Jobs this worker started that an earlier worker had "
             "started too (its provider call may have been made twice).")
@@ -168,7 +173,7 @@ class _SnapshotCollector(Collector):
                                 labels=["request_type"])
         for request_type in RequestType:
             lag.add_metric([request_type.value], snap.consumer_lag.get(request_type, 0))
-        return [in_flight, duplicates, outcomes, dead, lag]
+        return [in_flight, waiting, duplicates, outcomes, dead, lag]
 
 
 class WorkerMetrics:

@@ -14,6 +14,8 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from bench.stack import (
     Stack,
     latency_summary,
@@ -50,15 +52,19 @@ async def scenario_mixed(bootstrap: str, workdir: Path, plan: Mixed) -> dict:
             stack.fake_provider(port, 0.0)
             await wait_port(port)
         _, url = await stack.api()
-        await stack.worker()
+        worker = await stack.worker()
         await wait_all_terminal(url, await submit_many(url, 50, concurrency=10, model=FAST))  # warm-up
         alone = await asyncio.to_thread(run_load, workdir, "e2e", "--url", url, *fast_load)
         queued = await submit_many(url, plan.backlog, model=THROTTLED)
         beside = await asyncio.to_thread(run_load, workdir, "e2e", "--url", url, *fast_load)
+        async with aiohttp.ClientSession() as session:  # what the throttled backlog was doing meanwhile
+            async with session.get(f"http://127.0.0.1:{worker.web_port}/health") as reply:
+                health = await reply.json()
     finally:
         await stack.close()
     alone_s, beside_s = latency_summary(alone, 200), latency_summary(beside, 200)
     return {"plan": plan.__dict__, "throttled_jobs_queued": len(queued),
+            "throttled_jobs_waiting_at_end": health["waiting"], "worker_calls_in_flight_at_end": health["in_flight"],
             "fast_alone": alone_s, "fast_beside_throttled_backlog": beside_s,
             "fast_completed_ratio": round(beside_s["ok"] / alone_s["ok"], 3) if alone_s["ok"] else None,
             "fast_p50_ratio": (round(beside_s["p50_ms"] / alone_s["p50_ms"], 2)

@@ -2,10 +2,12 @@
 
 1. The API writes ``pending`` to the changelog, then the request to its request topic.
 2. ``take_requests`` (one sequential agent over all request topics) reads the request. A job
-   that is not ``pending`` (finished, or started already) is left alone; else the agent waits
+   that is not ``pending`` (finished, or started already) or already waits in its provider's
+   lane is left alone. A job whose provider is limited and has no room now waits in its lane
+   (``workers/lanes.py``): recorded as waiting, started later by the lane. Else the agent waits
    for an in-flight slot, writes ``processing`` (attempts + 1, where the request sits, which
-   worker runs it), hands the call to the runner (``workers/runner.py``) and acks the event once
-   Kafka has that write.
+   worker runs it) and hands the call to the runner (``workers/runner.py``). Either way it acks
+   the event once Kafka has that write.
 3. The outcome is written to the table; if a rebalance moved the job's partition away during
    the call, it goes to the job-events topic and ``apply_job_events`` in the new owner writes it.
 4. The maintenance timer (``workers/maintenance.py``) deletes expired jobs and resumes orphans.
@@ -52,6 +54,8 @@ from app.topics import (
 from workers.book import JobBook, PartitionMoved
 from workers.caller import ProviderCaller
 from workers.faust_layer import FerryTransport, JobsTable, create_app, owned_partitions
+from workers.lanes import Lanes
+from workers.limits import Claim
 from workers.maintenance import Maintenance
 from workers.pages import register_pages
 from workers.request_fetcher import RequestFetcher, retried_while_unreachable
@@ -97,6 +101,7 @@ class FerryWorker:
         self._acks: set[asyncio.Task] = set()
         self.duplicate_outcomes = self.possible_duplicate_calls = 0
         self.maintenance = Maintenance(self)
+        self.lanes = Lanes(self)
 
         app.agent(self.requests, name="take_requests")(self._take_requests)
         app.agent(self.events, name="apply_job_events")(self._apply_job_events)
@@ -111,7 +116,8 @@ class FerryWorker:
         register_pages(self)
 
     def counters(self) -> dict[str, int]:
-        return {"in_flight": len(self.runner.in_flight), "duplicate_outcomes": self.duplicate_outcomes,
+        return {"in_flight": len(self.runner.in_flight), "waiting": sum(self.lanes.waiting().values()),
+                "duplicate_outcomes": self.duplicate_outcomes,
                 "possible_duplicate_calls": self.possible_duplicate_calls,
                 "poisoned_jobs": self.maintenance.poisoned_jobs}
 
@@ -140,12 +146,13 @@ class FerryWorker:
 
     async def _on_recovered(self) -> None:
         self.book.rebuild(owned_partitions(self.app, self.table.changelog_topic.get_topic_name()))
+        self.lanes.wake_all()
 
     async def _on_revoked(self, sender, revoked: set[TP], **kwargs) -> None:
         # The partitions' next owners recover the table from the changelog: it must hold our writes.
         if not await self.table.flush_writes(timeout=self.settings.kafka_session_timeout_seconds / 2):
             log.warning("table writes not acknowledged before the rebalance went on")
-        self.book.forget_processing()
+        self.book.forget_assignment()
         self._assignment_noted.clear()
         self._events_backlog.clear()
         self.in_transit.intersection_update(self._sending)  # the rest are in Kafka: in the next backlog
@@ -205,20 +212,27 @@ class FerryWorker:
 
     async def _take(self, request: JobRequest, location: RequestLocation) -> tuple[str, asyncio.Future] | None:
         state = self.book.get(request.id)
-        if state is not None and state.status is not JobStatus.pending:
-            return None  # finished, or started: an orphan is resumed by the timer, not here
+        if state is not None and (state.status is not JobStatus.pending or state.waiting_for is not None):
+            return None  # finished, started (an orphan is resumed by the timer) or in its lane already
+        state = state or JobState.pending(request)
+        claim, waiting = await self.lanes.admit(state, request, location)
+        if waiting is not None:
+            return request.id, waiting
         if not await self.runner.wait_for_slot():
+            if claim is not None:
+                claim.release()
             raise Stopping()
-        return request.id, self.start(state or JobState.pending(request), request, location)
+        return request.id, self.start(state, request, location, claim)
 
-    def start(self, state: JobState, request: JobRequest, location: RequestLocation) -> asyncio.Future:
+    def start(self, state: JobState, request: JobRequest, location: RequestLocation,
+              claim: Claim | None = None) -> asyncio.Future:
         started = state.processing(location, runner=self.id)
         if started.attempts > 1:
             self.possible_duplicate_calls += 1
             log.info("job %s: starting again (attempt %d)", state.id, started.attempts)
         write = self.book.put(started)
         self._running[state.id] = started
-        self.runner.launch(request, after=write)
+        self.runner.launch(request, after=write, claim=claim)
         return write
 
     def _ack_after(self, event: faust.EventT, written: tuple[str, asyncio.Future] | None) -> None:
@@ -335,6 +349,7 @@ def worker_resources(worker: FerryWorker) -> type[mode.Service]:
             await worker.fetcher.start()
 
         async def on_stop(self) -> None:
+            await worker.lanes.stop()
             await worker.runner.drain(0)  # after the graceful drain, if it ran: cancel the rest
             await worker.caller.stop()
             await worker.fetcher.stop()

@@ -1,5 +1,6 @@
 """The jobs of this worker's partitions: reads and writes of the jobs table, and the indexes the
-maintenance timer needs (what expires when, what is processing) so that it never scans the table."""
+maintenance timer and the lanes need (what expires when, what is processing, what waits for which
+provider) so that they never scan the table."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class JobBook:
         self.table = table
         self.partitions = partitions
         self.processing: set[str] = set()
+        # Per provider, the jobs waiting in its lane, oldest first (a dict keeps insertion order).
+        self.waiting: dict[str, dict[str, None]] = {}
+        self._lane_of: dict[str, str] = {}
         self._expiries = ExpiryIndex()
 
     def partition_of(self, job_id: str) -> int:
@@ -50,19 +54,35 @@ class JobBook:
     def rebuild(self, owned: set[int]) -> None:
         """Rebuild the indexes from the table, for the partitions now owned (after recovery)."""
         self._expiries.clear()
-        self.processing.clear()
+        self.forget_assignment()
+        waiting = []
         for key, raw in list(self.table.items()):
             if self.table.partition_for_key(key) in owned:
-                self._track(JobState.from_bytes(raw))
+                state = JobState.from_bytes(raw)
+                if state.waiting_for is not None:
+                    waiting.append(state)
+                else:
+                    self._track(state)
+        for state in sorted(waiting, key=lambda s: s.created_at):  # each lane in submit order
+            self._track(state)
 
-    def forget_processing(self) -> None:
-        self.processing.clear()  # rebuilt once the next assignment is recovered
+    def forget_assignment(self) -> None:
+        """Drop what is processing or waiting: rebuilt once the next assignment is recovered."""
+        self.processing.clear()
+        self.waiting.clear()
+        self._lane_of.clear()
 
     def _track(self, state: JobState) -> None:
         if state.status is JobStatus.processing:
             self.processing.add(state.id)
         else:
             self.processing.discard(state.id)
+        lane = self._lane_of.pop(state.id, None)
+        if lane is not None:
+            self.waiting[lane].pop(state.id, None)
+        if state.status is JobStatus.pending and state.waiting_for is not None:
+            self.waiting.setdefault(state.waiting_for, {})[state.id] = None
+            self._lane_of[state.id] = state.waiting_for
         if state.expires_at is not None:
             self._expiries.add(state.expires_at, state.id)
 

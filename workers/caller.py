@@ -4,8 +4,9 @@
 returns its ``Outcome``. Each target is called up to ``retry_max_attempts`` times while it fails
 in a way that may pass (429, 5xx, timeout, connection failure), waiting an exponential backoff
 with jitter, or the provider's ``Retry-After`` if longer (both capped at
-``retry_max_backoff_seconds``). Each call waits for its provider's limits (``workers/limits.py``)
-and lasts at most its provider's ``timeout_seconds``, the whole call.
+``retry_max_backoff_seconds``). Each call waits for its provider's limits (``workers/limits.py``;
+a job's first call uses the place its lane claimed) and lasts at most its provider's
+``timeout_seconds``, the whole call.
 
 What a failure leads to, and who it is blamed on (``is_bifrost_error``):
 
@@ -60,7 +61,7 @@ from app.jobs import ErrorDetail, ErrorObject, JobRequest, Outcome, RequestType,
 from app.metrics import NO_ANSWER_TIMEOUT, NO_ANSWER_UNREACHABLE, NOT_SENT, WorkerMetrics, status_label
 from app.providers import ProviderEndpoint
 from app.settings import Settings
-from workers.limits import ProviderLimits
+from workers.limits import Claim, ProviderLimits
 from workers.providers import ADAPTERS
 from workers.providers.base import HttpRequest, HttpResponse, ProviderFailure, UnsupportedRequest
 
@@ -206,18 +207,25 @@ class ProviderCaller:
         if session is not None:
             await session.close()
 
-    async def run(self, request: JobRequest, on_retry: OnRetry | None = None) -> Outcome:
-        """The job's outcome after trying its targets in order, within the job's deadline."""
-        clock = JobClock.start(self._settings.job_deadline_seconds)
-        attempt: Attempt | None = None
-        for target in request.targets:
-            attempt = await self._call_with_retries(target, request, on_retry, clock)
-            if attempt.outcome.error is None or not attempt.try_next:
-                return attempt.outcome
-        assert attempt is not None, "a job request names at least one target"
-        if attempt.out_of_time:  # the last target's retry would have waited past the deadline
-            return clock.exceeded(request.targets[-1], request.request_type).outcome
-        return attempt.outcome
+    async def run(self, request: JobRequest, on_retry: OnRetry | None = None, claim: Claim | None = None) -> Outcome:
+        """The job's outcome after trying its targets in order, within the job's deadline.
+
+        ``claim``: a place its lane took at a provider's limits; the first call to that provider
+        uses it, and it is released if no call does."""
+        try:
+            clock = JobClock.start(self._settings.job_deadline_seconds)
+            attempt: Attempt | None = None
+            for target in request.targets:
+                attempt = await self._call_with_retries(target, request, on_retry, clock, claim)
+                if attempt.outcome.error is None or not attempt.try_next:
+                    return attempt.outcome
+            assert attempt is not None, "a job request names at least one target"
+            if attempt.out_of_time:  # the last target's retry would have waited past the deadline
+                return clock.exceeded(request.targets[-1], request.request_type).outcome
+            return attempt.outcome
+        finally:
+            if claim is not None:
+                claim.release()
 
     def backoff_seconds(self, failed_calls: int, retry_after: float | None) -> float:
         settings = self._settings
@@ -227,12 +235,12 @@ class ProviderCaller:
         return min(max(delay, retry_after or 0.0), settings.retry_max_backoff_seconds)
 
     async def _call_with_retries(self, target: Target, request: JobRequest, on_retry: OnRetry | None,
-                                 clock: JobClock) -> Attempt:
+                                 clock: JobClock, claim: Claim | None) -> Attempt:
         call = 1
         while True:
             if clock.remaining() <= 0:
                 return clock.exceeded(target, request.request_type)
-            attempt = await self._call(target, request, clock)
+            attempt = await self._call(target, request, clock, claim)
             if attempt.outcome.error is not None:
                 clock.last_failure = attempt.outcome.status_code
             if attempt.outcome.error is None or not attempt.retry_same or call >= self._settings.retry_max_attempts:
@@ -288,12 +296,13 @@ class ProviderCaller:
             return Attempt(Outcome(status_code=502, error=error), try_next=True)
         return Attempt(Outcome(status_code=200, result={**result, "extra_fields": _extra_fields(target, rtype)}))
 
-    def _limits_for(self, endpoint: ProviderEndpoint) -> ProviderLimits:
+    def limits_for(self, endpoint: ProviderEndpoint) -> ProviderLimits:
+        """The provider's limits in this process (one set per provider, shared by all its calls)."""
         if endpoint.name not in self._limits:
             self._limits[endpoint.name] = ProviderLimits(endpoint)
         return self._limits[endpoint.name]
 
-    async def _call(self, target: Target, request: JobRequest, clock: JobClock) -> Attempt:
+    async def _call(self, target: Target, request: JobRequest, clock: JobClock, claim: Claim | None) -> Attempt:
         """One call to one target, ended by the provider's timeout or the job's deadline."""
         rtype = request.request_type
         endpoint: ProviderEndpoint | None = self._settings.provider_endpoints.get(target.provider)
@@ -322,7 +331,7 @@ class ProviderCaller:
             # The deadline bounds the wait for the provider's limits and the call; the call's
             # own bound is its provider's timeout, the whole call, when that ends sooner.
             async with asyncio.timeout_at(clock.deadline) as bound:
-                async with self._limits_for(endpoint).call_slot():
+                async with self.limits_for(endpoint).call_slot(claim):
                     call_ends = loop.time() + endpoint.timeout_seconds
                     if call_ends < clock.deadline:
                         at_deadline = False

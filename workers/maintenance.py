@@ -33,7 +33,9 @@ class Maintenance:
         self.poisoned_jobs = 0
 
     def tick(self) -> None:
-        """One round: expiries now; a resume pass in the background unless one still runs."""
+        """One round: expiries now; a resume pass in the background unless one still runs; each
+        lane with waiting jobs running (a lane whose loop failed starts again)."""
+        self.worker.lanes.wake_all()
         for delete in self.worker.book.expire_due():
             delete.add_done_callback(lambda f: f.cancelled() or f.exception())  # failed: expired again later
         if self._resuming is None or self._resuming.done():

@@ -33,7 +33,7 @@ def register_pages(worker: FerryWorker) -> None:
 
     def snapshot() -> WorkerSnapshot:
         counters = worker.counters()
-        return WorkerSnapshot(jobs_in_flight=counters["in_flight"],
+        return WorkerSnapshot(jobs_in_flight=counters["in_flight"], jobs_waiting=worker.lanes.waiting(),
                               possible_duplicate_calls=counters["possible_duplicate_calls"],
                               duplicate_outcomes=counters["duplicate_outcomes"],
                               dead_lettered_jobs=counters["poisoned_jobs"], consumer_lag=consumer_lag())

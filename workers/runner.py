@@ -6,7 +6,8 @@ request agent stays sequential and quick: it records ``processing`` in the table
 call to this runner, and moves on. The runner:
 
 - bounds the calls in flight (``worker_max_in_flight``); the agent waits for a slot before
-  taking a job, so excess jobs wait in Kafka, not in memory. A job holds its slot for its
+  taking a job, so excess jobs wait in Kafka, not in memory (a limited provider's excess
+  waits in its lane, ``workers/lanes.py``, holding no slot). A job holds its slot for its
   calls, at most ``job_deadline_seconds`` (the caller's bound), then while its outcome is
   delivered;
 - runs each call as a task and hands its ``Outcome`` to ``report`` (the worker records it in
@@ -25,6 +26,7 @@ from app.jobs import JobEvent, JobRequest, Outcome, RetryInfo, utcnow
 from app.metrics import WorkerMetrics
 from app.retry import Backoff
 from workers.caller import ProviderCaller, service_error
+from workers.limits import Claim
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,13 @@ class JobRunner:
     def release_slot(self) -> None:
         self._slots.release()
 
-    def launch(self, request: JobRequest, after: asyncio.Future | None = None) -> None:
+    def launch(self, request: JobRequest, after: asyncio.Future | None = None, claim: Claim | None = None) -> None:
         """Start the job's provider call, once ``after`` (its ``processing`` write) is done; a slot
-        must have been taken with ``wait_for_slot``."""
-        self.in_flight[request.id] = asyncio.create_task(self._run(request, after), name=f"job-{request.id}")
+        must have been taken with ``wait_for_slot``. ``claim``: its lane's place at the provider's
+        limits, for the first call (released if unused)."""
+        self.in_flight[request.id] = asyncio.create_task(self._run(request, after, claim), name=f"job-{request.id}")
 
-    async def _run(self, request: JobRequest, after: asyncio.Future | None) -> None:
+    async def _run(self, request: JobRequest, after: asyncio.Future | None, claim: Claim | None) -> None:
         self._metrics.queue_wait.labels(request.request_type.value).observe(
             max(0.0, (utcnow() - request.created_at).total_seconds()))
         try:
@@ -92,7 +95,8 @@ class JobRunner:
                 # worker at once (poison) is still abandoned after job_max_attempts calls.
                 await asyncio.wait([after])
             try:
-                outcome = await self._caller.run(request, on_retry=lambda retry: self._report_retry(request, retry))
+                outcome = await self._caller.run(request, on_retry=lambda retry: self._report_retry(request, retry),
+                                                 claim=claim)
             except Exception:
                 log.exception("job %s: unexpected error calling the provider", request.id)
                 error = service_error(500, "internal error while calling the provider", "internal_error",
@@ -101,6 +105,8 @@ class JobRunner:
             self._count(request, outcome)
             await self._deliver(JobEvent(id=request.id, kind="outcome", outcome=outcome))
         finally:
+            if claim is not None:
+                claim.release()  # cancelled before its call
             self.in_flight.pop(request.id, None)
             self._slots.release()
 

@@ -53,6 +53,7 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     assert resume["all_restarted_s_after_assignment"] is not None
     mixed = scenarios["mixed"]  # 20 throttled jobs queued; 20 fast jobs/s for 2 s, alone then beside them
     assert mixed["throttled_jobs_queued"] == 20
+    assert 0 <= mixed["throttled_jobs_waiting_at_end"] <= 20 and mixed["worker_calls_in_flight_at_end"] >= 0
     for load in (mixed["fast_alone"], mixed["fast_beside_throttled_backlog"]):
         assert load["statuses"] == {"200": 40}, load["statuses"]
 

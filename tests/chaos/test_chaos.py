@@ -11,12 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from api.errors import JOB_ID_HEADER
 from api.routes import READ_MODEL
-from app.jobs import JobStatus
+from app.jobs import JobStatus, RequestType
 from app.settings import Settings
-from app.topics import dead_letter_topic
+from app.topics import dead_letter_topic, request_topic
 from deploy.fakes.base import ReceivedRequest
 from deploy.fakes.openai_server import FakeOpenAI
 from deploy.processes import FerryProcess
@@ -24,6 +25,7 @@ from tests.helpers import (
     CHAT,
     PROVIDER_KEY,
     calls_per_marker,
+    end_offsets,
     ferry_settings_for,
     job_body,
     read_topic,
@@ -324,3 +326,61 @@ async def test_sigterm_drains_calls_in_flight_then_a_replacement_finishes(settin
     assert final[JobStatus.completed] == jobs
     # Calls in flight at SIGTERM finished inside the grace period, so nothing was called twice.
     assert duplicates == 0 and len(calls) == jobs
+
+
+async def committed_everything(settings: Settings) -> bool:
+    """Whether the group has committed the chat request topic up to its end, on every partition."""
+    topic = request_topic(settings, RequestType.chat_completion)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    done = sum(meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset > 0)
+    return done == await end_offsets(settings, topic)
+
+
+@pytest.mark.timeout(300)
+async def test_jobs_waiting_in_a_lane_survive_a_sigkill(settings: Settings, fake_openai: FakeOpenAI,
+                                                        tmp_path: Path) -> None:
+    """Jobs waiting for a throttled provider have their requests committed, so only their waiting
+    records keep them: a killed worker's replacement finds them in the table and calls each once
+    (but for a call in flight at the kill)."""
+    provider = {"base_url": fake_openai.base_url, "api_key": PROVIDER_KEY, "timeout_seconds": 5}
+    throttled = ferry_settings_for(settings, fake_openai, providers={"openai": provider | {"requests_per_minute": 60}})
+    unthrottled = ferry_settings_for(settings, fake_openai, providers={"openai": provider})
+    api = await start_api(throttled)
+    first = FerryProcess("workers", throttled, tmp_path / "worker-a").start()
+    replacement = FerryProcess("workers", unthrottled, tmp_path / "worker-b")
+    view = api.server.app[READ_MODEL]
+    try:
+        jobs = 40
+        ids = await submit_all(api, [job_body(f"job-{i}") for i in range(jobs)])
+
+        async def every_request_taken_and_committed() -> bool:
+            waiting = sum(1 for i in ids if view.get(i) is not None and view.get(i).waiting_for == "openai")
+            return waiting + terminal_count(api, ids) >= jobs - 1 and await committed_everything(throttled)
+
+        await wait_until(every_request_taken_and_committed, 60,
+                         lambda: f"the jobs to wait in their lane, committed: {states(api, ids)}", 0.1)
+        first.kill()
+        await asyncio.sleep(1)  # the read model catches up with the dead worker's last writes
+        started_at_kill = {f"job-{k}" for k, i in enumerate(ids) if view.get(i).status is JobStatus.processing}
+        ended_at_kill = terminal_count(api, ids)
+        replacement.start()
+        await wait_until(lambda: terminal_count(api, ids) == jobs, 120,
+                         lambda: f"every job to end: {states(api, ids)}; not ended: {unfinished(api, ids, throttled)}",
+                         0.2)
+    finally:
+        first.kill()
+        replacement.kill()
+        await api.close()
+
+    calls = calls_per_marker(fake_openai)
+    repeated = {marker for marker, n in calls.items() if n > 1}
+    report("sigkill_lane", submitted=jobs, ended_at_kill=ended_at_kill, started_at_kill=len(started_at_kill),
+           duplicate_provider_calls=sum(n - 1 for n in calls.values()))
+    assert states(api, ids)[JobStatus.completed] == jobs
+    assert ended_at_kill < jobs - 10  # most of them were waiting
+    assert len(calls) == jobs and repeated <= started_at_kill
