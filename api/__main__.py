@@ -8,8 +8,8 @@ import signal
 
 from api.connections import ConnectionLimits, raise_open_file_limit, serve
 from api.server import LISTEN_BACKLOG, create_api
-from app.event_loop import use_uvloop
 from app.kafka_clients import verify_connection
+from app.runtime import freeze_start_up_objects, tune_garbage_collector, use_uvloop
 from app.settings import Settings
 
 log = logging.getLogger("api")
@@ -18,6 +18,7 @@ log = logging.getLogger("api")
 def main() -> None:
     settings = Settings()
     use_uvloop()
+    tune_garbage_collector()
     from app.logs import configure_logging
     configure_logging(settings)
     settings.require_bootstrap_servers()
@@ -36,8 +37,9 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner, port = await serve(create_api(settings), limits, settings.api_host, settings.api_port,
-                               backlog=LISTEN_BACKLOG)
+    api = create_api(settings)
+    freeze_start_up_objects()
+    runner, port = await serve(api, limits, settings.api_host, settings.api_port, backlog=LISTEN_BACKLOG)
     log.info("API listening on %s:%d, at most %d connections (open-file limit %d)", settings.api_host, port,
              limits.max_connections, open_file_limit)
     try:

@@ -10,7 +10,7 @@ import argparse
 from aiohttp import web
 
 from api.server import LISTEN_BACKLOG
-from app.event_loop import use_uvloop
+from app.runtime import use_uvloop
 
 ACCEPTED = (b'{"id": "00000000-0000-4000-8000-000000000000", "status": "pending", '
             b'"created_at": "2026-01-01T00:00:00.000Z"}')

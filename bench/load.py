@@ -30,7 +30,7 @@ import uuid
 
 import aiohttp
 
-from app.event_loop import use_uvloop
+from app.runtime import use_uvloop
 
 CHAT = "/v1/async/chat/completions"
 

@@ -11,9 +11,9 @@ from typing import IO
 
 import faust
 
-from app.event_loop import use_uvloop
 from app.kafka_clients import verify_connection
 from app.logs import configure_logging
+from app.runtime import freeze_start_up_objects, tune_garbage_collector, use_uvloop
 from app.settings import Settings
 from app.topics import declare_topics
 from workers.app import FerryWorker
@@ -59,6 +59,7 @@ def check_web_port(host: str, port: int) -> None:
 
 def main() -> None:
     use_uvloop()
+    tune_garbage_collector()
     settings = Settings()
     configure_logging(settings)
     settings.require_bootstrap_servers()
@@ -74,6 +75,7 @@ def main() -> None:
     # Faust's start-up spinner writes to stdout and, when Faust configures logging, sets the root
     # logger to DEBUG; Ferry logs to files and pods, not a TTY.
     process.spinner = None
+    freeze_start_up_objects()
     try:
         process.execute_from_commandline()
     finally:
