@@ -236,13 +236,27 @@ class FerryWorker:
         return write
 
     def _ack_after(self, event: faust.EventT, written: tuple[str, asyncio.Future] | None) -> None:
-        """Ack once Kafka has the event's write: a committed request always has its job's state."""
-        if written is None or (written[1].done() and not written[1].exception()):
+        """Ack once Kafka has the event's write: a committed request always has its job's state.
+
+        A write Kafka acknowledges acks the event from its callback (no task per event); a failed
+        one is sent again by a task until it is acknowledged or its partition moves away."""
+        if written is None:
             event.ack()
             return
-        task = asyncio.ensure_future(self._ack_when_written(event, *written))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        job_id, write = written
+
+        def on_written(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                event.ack()
+                return
+            task = asyncio.ensure_future(self._ack_when_written(event, job_id, done))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+        if write.done():
+            on_written(write)
+        else:
+            write.add_done_callback(on_written)
 
     async def _ack_when_written(self, event: faust.EventT, job_id: str, write: asyncio.Future) -> None:
         try:

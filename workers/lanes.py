@@ -22,7 +22,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from app.jobs import JobRequest, JobState, Outcome, RequestLocation
+from app.jobs import JobRequest, JobState, Outcome, RequestLocation, RequestType
 from workers.caller import service_error
 from workers.limits import Claim, ProviderLimits
 
@@ -39,15 +39,18 @@ class Lanes:
     def __init__(self, worker: FerryWorker) -> None:
         self._worker = worker
         self._loops: dict[str, asyncio.Task] = {}
+        self._lanes: dict[tuple[str, RequestType], tuple[str, ProviderLimits] | None] = {}  # asked per job
 
     def limits_of(self, request: JobRequest) -> tuple[str, ProviderLimits] | None:
         """The lane a request joins: its first target's provider, if that one is limited here."""
-        provider = request.targets[0].provider
-        endpoint = self._worker.settings.provider_endpoints.get(provider)
-        if endpoint is None or request.request_type not in endpoint.request_types:
-            return None  # the call fails at once, with no limits to wait for
-        limits = self._worker.caller.limits_for(endpoint)
-        return (provider, limits) if limits.limited else None
+        provider, request_type = request.targets[0].provider, request.request_type
+        if (provider, request_type) not in self._lanes:
+            endpoint = self._worker.settings.provider_endpoints.get(provider)
+            limits = (self._worker.caller.limits_for(endpoint)
+                      if endpoint is not None and request_type in endpoint.request_types else None)
+            # None when unlimited, or when the call fails at once (not configured for the type).
+            self._lanes[provider, request_type] = (provider, limits) if limits is not None and limits.limited else None
+        return self._lanes[provider, request_type]
 
     def waiting(self) -> dict[str, int]:
         """Jobs waiting in each lane."""
