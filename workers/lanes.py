@@ -94,19 +94,23 @@ class Lanes:
         """Start the lane's waiting jobs, oldest first, as the provider's limits and the worker's
         slots allow; ends when none waits."""
         worker = self._worker
-        endpoint = worker.settings.provider_endpoints[provider]
-        limits = worker.caller.limits_for(endpoint)
+        endpoint = worker.settings.provider_endpoints.get(provider)
+        limits: ProviderLimits | None = worker.caller.limits_for(endpoint) if endpoint is not None else None
+        if limits is not None and not limits.limited:
+            limits = None  # limited when its jobs were recorded, not in this worker: slots alone pace them
         try:
             while worker.book.waiting.get(provider) and not worker.runner.stopping:
-                claims = [await limits.claim()]
+                first = await limits.claim() if limits is not None else None
                 if not await worker.runner.wait_for_slot():
-                    claims[0].release()
+                    if first is not None:
+                        first.release()
                     return
+                claims = [first]
                 heads = list(itertools.islice(worker.book.waiting.get(provider, ()), START_BATCH))
                 # More at once while the provider and the worker both have room (never more than waits).
                 while len(claims) < len(heads) and not worker.runner.full:
-                    claim = await limits.claim_now()
-                    if claim is None:
+                    claim = await limits.claim_now() if limits is not None else None
+                    if limits is not None and claim is None:
                         break
                     await worker.runner.wait_for_slot()  # free: taken without waiting
                     claims.append(claim)
@@ -116,9 +120,9 @@ class Lanes:
         except Exception:
             log.exception("lane of %s stopped; it starts again with its next waiting job", provider)
 
-    async def _start(self, job_ids: list[str], claims: list[Claim]) -> int:
-        """Start the jobs (each with one claim and one runner slot); what cannot start gives its
-        claim and slot back. Returns how many started."""
+    async def _start(self, job_ids: list[str], claims: list[Claim | None]) -> int:
+        """Start the jobs (each with one runner slot, and one claim if the provider is limited);
+        what cannot start gives its claim and slot back. Returns how many started."""
         worker, book = self._worker, self._worker.book
         states = [book.get(job_id) for job_id in job_ids]
         locations = [state.request for state in states if state is not None and state.request is not None]
@@ -138,6 +142,7 @@ class Lanes:
                 worker.start(state, JobRequest.from_bytes(raw), state.request, claim)
                 started += 1
                 continue
-            claim.release()
+            if claim is not None:
+                claim.release()
             worker.runner.release_slot()
         return started

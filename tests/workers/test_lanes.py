@@ -154,3 +154,36 @@ async def test_waiting_jobs_start_one_at_a_time_in_order_at_a_concurrency_of_one
         k = int(marker.removeprefix("job-"))
         called[partition_for(ids[k], own.topic_partitions)].append(k)
     assert all(ks == sorted(ks) for ks in called.values()), dict(called)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("now", ["unlimited", "removed"])
+async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
+        settings: Settings, fake_openai: FakeOpenAI, throttled: FakeOpenAI, now: str) -> None:
+    # A worker restarted with the provider's limit taken off, or the provider taken out, finds
+    # jobs recorded as waiting for it: they start as its slots allow (and, for a provider no
+    # longer configured, fail at once as any job for it would), rather than wait for a lane
+    # that no longer exists.
+    limited = two_providers(settings, fake_openai, throttled, requests_per_minute=1)
+    restarted = two_providers(settings, fake_openai, throttled)
+    if now == "removed":
+        restarted = with_values(restarted, providers={"openai": restarted.providers["openai"].model_dump()})
+    api = await start_api(limited)
+    view = api.server.app[READ_MODEL]
+    try:
+        async with worker_running(limited) as worker:
+            ids = await submit_all(api, [chat(f"slow-{i}", "throttled") for i in range(6)], concurrency=1)
+            await wait_until(lambda: worker.lanes.waiting() == {"throttled": 5}, 60,
+                             lambda: f"five jobs to wait: {worker.lanes.waiting()}")
+        async with worker_running(restarted):
+            await wait_until(lambda: all(view.get(i).status.is_terminal for i in ids), 60,
+                             lambda: f"every job to end: {[view.get(i).status for i in ids]}")
+    finally:
+        await api.close()
+    if now == "unlimited":
+        assert {view.get(i).status for i in ids} == {JobStatus.completed}
+        assert sorted(calls_per_marker(throttled).items()) == [(f"slow-{i}", 1) for i in range(6)]
+    else:
+        assert [view.get(i).status_code for i in ids] == [200] + [400] * 5
+        assert view.get(ids[-1]).error.error.message == "provider throttled is not configured for chat_completion"
+        assert throttled.calls == 1
