@@ -159,13 +159,14 @@ async def test_waiting_jobs_start_one_at_a_time_in_order_at_a_concurrency_of_one
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("now", ["unlimited", "removed"])
 async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
-        settings: Settings, fake_openai: FakeOpenAI, throttled: FakeOpenAI, now: str) -> None:
+        settings: Settings, fake_openai: FakeOpenAI, throttled: FakeOpenAI, now: str, tmp_path) -> None:
     # A worker restarted with the provider's limit taken off, or the provider taken out, finds
     # jobs recorded as waiting for it: they start as its slots allow (and, for a provider no
     # longer configured, fail at once as any job for it would), rather than wait for a lane
     # that no longer exists.
     limited = two_providers(settings, fake_openai, throttled, requests_per_minute=1)
-    restarted = two_providers(settings, fake_openai, throttled)
+    # Another worker (its own files: it rebuilds the lanes from the changelog), as after a move.
+    restarted = with_values(two_providers(settings, fake_openai, throttled), worker_data_dir=str(tmp_path / "other"))
     if now == "removed":
         restarted = with_values(restarted, providers={"openai": restarted.providers["openai"].model_dump()})
     api = await start_api(limited)
@@ -184,6 +185,9 @@ async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
         assert {view.get(i).status for i in ids} == {JobStatus.completed}
         assert sorted(calls_per_marker(throttled).items()) == [(f"slow-{i}", 1) for i in range(6)]
     else:
-        assert [view.get(i).status_code for i in ids] == [200] + [400] * 5
-        assert view.get(ids[-1]).error.error.message == "provider throttled is not configured for chat_completion"
-        assert throttled.calls == 1
+        # The one the first worker started (whichever partition it took first) completed there.
+        codes = [view.get(i).status_code for i in ids]
+        assert sorted(codes) == [200] + [400] * 5
+        assert calls_per_marker(throttled) == {f"slow-{codes.index(200)}": 1}
+        assert {view.get(i).error.error.message for i in ids if view.get(i).error} == {
+            "provider throttled is not configured for chat_completion"}
