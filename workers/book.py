@@ -27,7 +27,6 @@ class JobBook:
         self.processing: set[str] = set()
         # Per provider, the jobs waiting in its lane, oldest first (a dict keeps insertion order).
         self.waiting: dict[str, dict[str, None]] = {}
-        self._lane_of: dict[str, str] = {}
         self._expiries = ExpiryIndex()
 
     def partition_of(self, job_id: str) -> int:
@@ -70,19 +69,16 @@ class JobBook:
         """Drop what is processing or waiting: rebuilt once the next assignment is recovered."""
         self.processing.clear()
         self.waiting.clear()
-        self._lane_of.clear()
 
     def _track(self, state: JobState) -> None:
         if state.status is JobStatus.processing:
             self.processing.add(state.id)
         else:
             self.processing.discard(state.id)
-        lane = self._lane_of.pop(state.id, None)
-        if lane is not None:
-            self.waiting[lane].pop(state.id, None)
+        for jobs in self.waiting.values():  # a lane per limited provider: a few at most
+            jobs.pop(state.id, None)
         if state.status is JobStatus.pending and state.waiting_for is not None:
             self.waiting.setdefault(state.waiting_for, {})[state.id] = None
-            self._lane_of[state.id] = state.waiting_for
         if state.expires_at is not None:
             self._expiries.add(state.expires_at, state.id)
 

@@ -22,9 +22,9 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from app.jobs import JobRequest, JobState, Outcome, RequestLocation, RequestType
-from workers.caller import service_error
+from app.jobs import JobRequest, JobState, RequestLocation, RequestType
 from workers.limits import Claim, ProviderLimits
+from workers.request_fetcher import request_gone
 
 if TYPE_CHECKING:
     from workers.app import FerryWorker
@@ -134,9 +134,7 @@ class Lanes:
             if state is None or current != state or not worker.owns(book.partition_of(state.id)):
                 pass  # started, or moved to another worker, since
             elif raw is None and found is not None:
-                error = service_error(500, "the job's request is no longer in Kafka (retention removed it)",
-                                      "internal_error", None, state.request_type)
-                book.put(state.finished(Outcome(status_code=500, error=error)))
+                book.put(state.finished(request_gone(state.request_type)))
             elif raw is not None:
                 assert state.request is not None
                 worker.start(state, JobRequest.from_bytes(raw), state.request, claim)

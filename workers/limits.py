@@ -22,21 +22,20 @@ class StartRate:
     def __init__(self, per_minute: int) -> None:
         self._interval = 60.0 / per_minute
         self._next = 0.0
-        self._lock = asyncio.Lock()
 
     def take_turn_now(self) -> bool:
         """Take the next start if it is due now; False (nothing taken) if it is not."""
         now = time.monotonic()
-        if self._lock.locked() or now < self._next:
+        if now < self._next:
             return False
         self._next = now + self._interval
         return True
 
     async def wait_turn(self) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self._interval
+        # The turn is booked before the first await: callers are served in the order they came.
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + self._interval
         if start > now:
             await asyncio.sleep(start - now)
 
@@ -84,7 +83,12 @@ class ProviderLimits:
         return Claim(self)
 
     async def claim(self) -> Claim:
-        """A call's place, once the limits allow one (first a concurrency unit, then a start turn)."""
+        """A call's place, once the limits allow one."""
+        await self._take_place()
+        return Claim(self)
+
+    async def _take_place(self) -> None:
+        """Wait for a concurrency unit, then a start turn; the unit is given back if the wait ends early."""
         if self._concurrency is not None:
             await self._concurrency.acquire()
         try:
@@ -93,7 +97,6 @@ class ProviderLimits:
         except BaseException:
             self.release()
             raise
-        return Claim(self)
 
     def release(self) -> None:
         if self._concurrency is not None:
@@ -103,8 +106,7 @@ class ProviderLimits:
     async def call_slot(self, claim: Claim | None = None) -> AsyncIterator[None]:
         """Hold a place for one call: ``claim``'s if it is one of these limits', else one waited for."""
         if claim is None or not claim.hand_over(self):
-            claim = await self.claim()
-            claim.hand_over(self)
+            await self._take_place()
         try:
             yield
         finally:

@@ -17,6 +17,7 @@ from app.jobs import JobRequest, JobState, JobStatus, Outcome
 from app.topics import dead_letter_topic
 from workers.caller import service_error
 from workers.faust_layer import group_members
+from workers.request_fetcher import request_gone
 
 if TYPE_CHECKING:
     from workers.app import FerryWorker
@@ -73,9 +74,7 @@ class Maintenance:
                 assert state.request is not None
                 raw = found.get(state.request)
                 if raw is None:
-                    error = service_error(500, "the job's request is no longer in Kafka (retention removed it)",
-                                          "internal_error", None, state.request_type)
-                    book.put(state.finished(Outcome(status_code=500, error=error)))
+                    book.put(state.finished(request_gone(state.request_type)))
                 elif state.attempts >= worker.settings.job_max_attempts:
                     await self.give_up(state, JobRequest.from_bytes(raw))
                 elif not await worker.runner.wait_for_slot():

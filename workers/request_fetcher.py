@@ -16,16 +16,24 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from app.jobs import RequestLocation
+from app.jobs import Outcome, RequestLocation, RequestType
 from app.kafka_clients import client_options
 from app.retry import Backoff
 from app.settings import Settings
+from workers.caller import service_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Reading past this many unwanted records costs more than a seek and a new fetch.
 RUN_GAP = 500
+
+
+def request_gone(request_type: RequestType) -> Outcome:
+    """How a job ends whose request retention removed from Kafka before it could be started."""
+    error = service_error(500, "the job's request is no longer in Kafka (retention removed it)",
+                          "internal_error", None, request_type)
+    return Outcome(status_code=500, error=error)
 
 
 class FetcherStopped(Exception):
