@@ -26,6 +26,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from app.fetch_sessions import use_fetch_sessions
 from app.jobs import JobState, JobStatus
 from app.kafka_clients import client_options
 from app.retry import Backoff
@@ -101,6 +102,7 @@ class JobReadModel:
             )
             try:
                 await consumer.start()
+                await use_fetch_sessions(consumer)
                 # declare_topics has checked the changelog has exactly this many partitions.
                 self._partitions = [TopicPartition(self._topic, p) for p in range(self._settings.topic_partitions)]
                 consumer.assign(self._partitions)

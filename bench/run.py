@@ -54,6 +54,7 @@ from bench.stack import (
     RecordingFake,
     Sampler,
     Stack,
+    cpu_per_job,
     first_after,
     latency_summary,
     longest_gap,
@@ -67,6 +68,7 @@ from bench.stack import (
     wait_all_terminal,
     wait_port,
 )
+from deploy.kafka.broker import LocalKafka
 from deploy.kafka.cluster import LocalKafkaCluster
 from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
@@ -148,7 +150,8 @@ async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
 
 
 async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: float = 0.0,
-                       rates: tuple[int, ...] | None = None, **worker_settings) -> dict:
+                       rates: tuple[int, ...] | None = None, broker_pid: int | None = None,
+                       **worker_settings) -> dict:
     fake_port = free_port()
     stack = Stack(stack_settings(bootstrap, fake_port, **worker_settings), workdir)
     results: dict = {"provider_latency_s": latency}
@@ -167,7 +170,8 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
         results["warmup"] = latency_summary(warmup, 200) | {"offered_per_second": sizes.warmup_rate}
         for rate in rates or sizes.rates:
             peak = 0
-            with Sampler({"api": pid_of(api), "worker": pid_of(worker)}) as sampler:
+            sampled = {"api": pid_of(api), "worker": pid_of(worker)} | ({"broker": broker_pid} if broker_pid else {})
+            with Sampler(sampled) as sampler:
                 load = asyncio.create_task(asyncio.to_thread(
                     run_load, workdir, "e2e", "--url", url, "--rate", str(rate), "--seconds", str(sizes.seconds)))
                 while not load.done():
@@ -175,8 +179,8 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
                     await asyncio.sleep(0.25)
                 loaded = await load
             results[f"rate_{rate}"] = latency_summary(loaded, 200) | {
-                "offered_per_second": rate, "peak_in_flight": peak,
-                "api": sampler.summary("api"), "worker": sampler.summary("worker")}
+                "offered_per_second": rate, "peak_in_flight": peak} | {
+                name: sampler.summary(name) for name in sampled} | cpu_per_job(sampler, list(sampled), loaded)
             results.setdefault("_loads", {})[f"rate_{rate}"] = loaded
     finally:
         await stack.close()
@@ -616,6 +620,8 @@ def machine() -> dict:
 async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bool = False,
               compare: Compare | None = None) -> Path:
     handle = locate(Settings())
+    # The broker's CPU is part of Ferry's cost per job; known for the local broker only.
+    broker_pid = LocalKafka(port=Settings().local_kafka_port).running_pid() if handle.source == "local" else None
     cluster = LocalKafkaCluster(port=Settings().local_kafka_cluster_port)
     cluster_was_running = any(pid is not None for pid in cluster.running().values())
     # The one-broker scenarios on the cluster instead (--on-cluster): the same figures with three
@@ -631,7 +637,8 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
             if scenario == "submit":
                 results["scenarios"]["submit"] = await scenario_submit(bootstrap, workdir, sizes)
             elif scenario == "e2e":
-                results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes)
+                results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes,
+                                                                 broker_pid=None if on_cluster else broker_pid)
             elif scenario == "inflight":
                 results["scenarios"]["inflight"] = await scenario_e2e(bootstrap, workdir, sizes,
                                                                       latency=2.0, rates=(sizes.inflight_rate,),

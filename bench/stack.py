@@ -74,6 +74,17 @@ class Sampler:
                 "cpu_percent": round(100 * (points[-1][2] - points[0][2]) / span, 1) if span else None}
 
 
+def cpu_per_job(sampler: Sampler, names: list[str], load: dict) -> dict:
+    """CPU milliseconds per completed job while the load ran: each sampled process, and together."""
+    jobs = sum(1 for _, _, status in load["samples"] if status == 200)
+    used = {name: sampler.series[name][-1][2] - sampler.series[name][0][2]
+            for name in names if len(sampler.series[name]) > 1}
+    if not jobs or not used:
+        return {}
+    return {"cpu_ms_per_job": {name: round(1000 * seconds / jobs, 2) for name, seconds in used.items()}
+            | {"together": round(1000 * sum(used.values()) / jobs, 2)}}
+
+
 def pid_of(process: FerryProcess) -> int:
     """The id of a process the harness has started."""
     if process.pid is None:

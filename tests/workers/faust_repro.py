@@ -20,6 +20,7 @@ from typing import Literal
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.offset import OffsetResetStrategy
 from faust.contrib.asgi import faust_app_running
 from faust.exceptions import ConsistencyError
@@ -453,7 +454,7 @@ async def check_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings, 
         send = client.send
 
         async def recorded(node_id, request, **kwargs):
-            if type(request).__name__ == "FetchRequest":  # aiokafka's, versioned when sent
+            if isinstance(request, FetchRequest):  # aiokafka's (or a session's), versioned when sent
                 holds.append(request._max_wait_ms)
             return await send(node_id, request, **kwargs)
 
@@ -464,6 +465,48 @@ async def check_an_offset_lookup_waits_behind_no_long_fetch(settings: Settings, 
     assert highwaters == [{TP(name, 0): 1, TP(name, 1): 3}] * 3
     assert max(holds) <= longest_hold_ms, (
         f"fetches held up to {max(holds)} ms: each offset lookup waits behind one")
+
+
+async def check_idle_partitions_are_left_out_of_fetches(settings: Settings, transport_cls: type,
+                                                       partitions: int = 8) -> None:
+    """A worker reads about a hundred partitions; a fetch that names each of them costs the
+    consumer thread a millisecond of encoding and decoding. Once records arrive on one partition
+    only, the fetches that follow must name no other (Kafka's fetch sessions), and every record
+    must still reach the agent, in order."""
+    bootstrap = settings.require_bootstrap_servers()
+    app = build_app(settings, transport_cls, stream_wait_empty=False)
+    name = f"{settings.topic_prefix}-events"
+    topic = _raw_topic(app, name, partitions)
+    await create_topic(bootstrap, name, partitions)
+    delivered: list[int] = []
+    _collecting_agent(app, topic, after_each=_append_to(delivered))
+
+    async with faust_app_running(app, stop_timeout=30):
+        await produce(bootstrap, name, {3: [(None, b"first")]})
+        await wait_until(lambda: delivered == [0], STARTUP_TIMEOUT, "the first record")
+        client = app.consumer._thread._ensure_consumer()._fetcher._client
+        named: list[int] = []
+        send = client.send
+
+        async def recorded(node_id, request, **kwargs):
+            response = await send(node_id, request, **kwargs)
+            if isinstance(request, FetchRequest):  # what FetchRequest.build put on the wire
+                named.append(sum(len(each) for _, each in request._topics))
+            return response
+
+        client.send = recorded
+        for offset in range(1, 11):
+            await produce(bootstrap, name, {3: [(None, b"next")]})
+            await wait_until(lambda offset=offset: delivered[-1] == offset, 30, f"offset {offset}")
+        client.send = send
+    assert delivered == list(range(11))
+    assert named and max(named) <= 1, f"partitions named per fetch: {named}"
+
+
+def _append_to(offsets: list[int]):
+    async def append(offset: int) -> None:
+        offsets.append(offset)
+    return append
 
 
 # -- 3. A commit passes an unacked record (#606) ---------------------------------------------------------------

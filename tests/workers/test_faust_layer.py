@@ -54,6 +54,10 @@ Test, defect (faust-streaming 0.15.3 file:line) and upstream issue:
   records read during the active recovery) with a highwater looked up after them
   (tables/recovery.py ``_restart_recovery``, ``E_PERSISTED_OFFSET``): an answer that lags those
   records (a leader elected moments before) raised ``ConsistencyError``. Upstream: #158.
+- ``test_idle_partitions_are_left_out_of_fetches``: aiokafka sends every fetch as a full one
+  (consumer/fetcher.py ``_get_actions_per_node``, protocol/fetch.py: session id 0, epoch -1),
+  naming each partition the worker reads (about a hundred) however few have records; Ferry's
+  consumer fetches within Kafka fetch sessions (KIP-227, ``app/fetch_sessions.py``).
 """
 
 from __future__ import annotations
@@ -136,3 +140,8 @@ async def test_an_active_store_past_a_lagging_highwater_is_no_crash(settings: Se
 @pytest.mark.timeout(300)
 async def test_a_store_ahead_of_its_changelog_still_crashes(settings: Settings) -> None:
     await faust_repro.check_an_active_store_past_a_lagging_highwater(settings, FerryTransport, "always")
+
+
+@pytest.mark.timeout(300)
+async def test_idle_partitions_are_left_out_of_fetches(settings: Settings) -> None:
+    await faust_repro.check_idle_partitions_are_left_out_of_fetches(settings, FerryTransport)

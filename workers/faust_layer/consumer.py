@@ -15,6 +15,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from faust.utils.functional import consecutive_numbers
 
+from app.fetch_sessions import use_fetch_sessions
+
 # How long the broker may hold a fetch with nothing to return. Faust fixes 1,500 ms; a broker
 # answers a connection's requests in order, so each offset lookup sent behind an idle fetch (three
 # in a table's recovery, one per reset partition) waited out the rest of it: 1.5 s apiece on a
@@ -215,7 +217,13 @@ class FerryConsumer(faust_aiokafka.Consumer):
 
 
 class FerryConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread, whose aiokafka consumer long-polls for ``FETCH_MAX_WAIT_MS``."""
+    """Faust's consumer thread, whose aiokafka consumer long-polls for ``FETCH_MAX_WAIT_MS`` and
+    fetches within sessions (``app/fetch_sessions.py``): a worker reads about a hundred partitions,
+    and without them each fetch named every one."""
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        await use_fetch_sessions(self._consumer)
 
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)

@@ -1,0 +1,222 @@
+"""Fetch sessions: the bookkeeping on its own, then a consumer reading a real broker through them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import FetchSessionIdNotFound, InvalidFetchSessionEpoch, UnknownError
+
+from app.fetch_sessions import (
+    INITIAL_EPOCH,
+    LAST_EPOCH,
+    NO_SESSION,
+    FetchSession,
+    SessionFetchRequest,
+    use_fetch_sessions,
+)
+
+A, B, C = (TopicPartition("t", p) for p in range(3))
+PARTITIONS = 16
+
+
+def test_a_new_session_names_every_partition_then_only_what_changed() -> None:
+    session = FetchSession()
+    wanted = {A: (0, 100), B: (5, 100)}
+    assert session.next_request(wanted) == (NO_SESSION, INITIAL_EPOCH, wanted, [])
+    session.answered(wanted, 0, 42)
+
+    moved = {A: (3, 100), B: (5, 100), C: (0, 100)}
+    assert session.next_request(moved) == (42, 1, {A: (3, 100), C: (0, 100)}, [])
+    session.answered(moved, 0, 42)
+
+    # B has records waiting to be taken, so the consumer leaves it out: the broker must forget it.
+    assert session.next_request({A: (3, 100), C: (0, 100)}) == (42, 2, {}, [B])
+
+
+def test_a_session_error_or_an_unanswered_request_makes_the_next_request_full() -> None:
+    wanted = {A: (0, 100), B: (0, 100)}
+    session = FetchSession()
+    session.answered(wanted, 0, 42)
+
+    session.answered(wanted, InvalidFetchSessionEpoch.errno, 0)
+    assert session.next_request(wanted) == (42, INITIAL_EPOCH, wanted, [])  # replaces session 42
+    session.answered(wanted, UnknownError.errno, 0)  # and the replacement failed too
+    assert session.next_request(wanted) == (NO_SESSION, INITIAL_EPOCH, wanted, [])
+
+    session.answered(wanted, 0, 43)
+    session.lost()
+    assert session.next_request(wanted) == (43, INITIAL_EPOCH, wanted, [])
+
+    session.answered(wanted, FetchSessionIdNotFound.errno, 0)
+    assert session.next_request(wanted) == (NO_SESSION, INITIAL_EPOCH, wanted, [])
+
+
+def test_a_broker_that_keeps_no_session_gets_full_requests() -> None:
+    wanted = {A: (0, 100)}
+    session = FetchSession()
+    session.answered(wanted, 0, NO_SESSION)
+    assert session.next_request(wanted) == (NO_SESSION, INITIAL_EPOCH, wanted, [])
+
+
+def test_the_epoch_wraps_to_one() -> None:
+    session = FetchSession()
+    session.answered({}, 0, 42)
+    session.epoch = LAST_EPOCH
+    session.answered({}, 0, 42)
+    assert session.epoch == 1
+
+
+async def _topic(bootstrap: str, name: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+
+
+class _Consumer:
+    """A consumer of every partition of one topic, counting the partitions its fetches name."""
+
+    def __init__(self, bootstrap: str, topic: str, sessions: bool) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                         auto_offset_reset="earliest", fetch_max_wait_ms=50)
+        self.partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+        self.sessions = sessions
+        self.named: list[int] = []  # partitions named on the wire, per fetch request
+
+    async def __aenter__(self) -> _Consumer:
+        await self.consumer.start()
+        if self.sessions:
+            await use_fetch_sessions(self.consumer)
+        client = self.consumer._fetcher._client
+        send = client.send
+
+        async def counting_send(node_id, request, **kwargs):
+            response = await send(node_id, request, **kwargs)
+            if request.API_KEY == 1:  # Fetch; _topics is what went on the wire once built
+                self.named.append(sum(len(partitions) for _, partitions in request._topics))
+            return response
+
+        client.send = counting_send
+        self.consumer.assign(self.partitions)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.consumer.stop()
+
+    async def take(self, count: int) -> list[tuple[int, int, bytes]]:
+        taken: list[tuple[int, int, bytes]] = []
+        try:
+            async with asyncio.timeout(30):  # a fetcher whose task failed never answers getmany
+                while len(taken) < count:
+                    for tp, records in (await self.consumer.getmany(timeout_ms=200)).items():
+                        taken += [(tp.partition, r.offset, r.value) for r in records]
+        except TimeoutError:
+            pytest.fail(f"took {len(taken)} of {count} records in 30 s")
+        return taken
+
+
+async def _produce(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for partition, value in values:
+            await producer.send_and_wait(topic, value, partition=partition)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "full fetches"])
+async def test_once_records_arrive_on_one_partition_fetches_name_only_the_partitions_that_changed(
+        kafka_bootstrap: str, unique_id: str, sessions: bool) -> None:
+    topic = f"{unique_id}-sessions"
+    await _topic(kafka_bootstrap, topic)
+    async with _Consumer(kafka_bootstrap, topic, sessions) as reader:
+        await _produce(kafka_bootstrap, topic, [(3, b"warm-up")])
+        assert await reader.take(1) == [(3, 0, b"warm-up")]
+        reader.named.clear()
+
+        values = [(3, f"v{i}".encode()) for i in range(20)]
+        for value in values:  # one at a time, so that each one is a fetch of its own
+            await _produce(kafka_bootstrap, topic, [value])
+            assert [v for _, _, v in await reader.take(1)] == [value[1]]
+
+    if sessions:
+        # Partition 3 leaves the session while its record waits to be taken and comes back with its
+        # new offset; the fifteen idle partitions are never named again.
+        assert max(reader.named) <= 1, reader.named
+    else:
+        assert max(reader.named) >= PARTITIONS - 1, reader.named  # what sessions save
+
+
+async def test_records_arrive_once_each_through_session_errors_and_seeks(kafka_bootstrap: str, unique_id: str) -> None:
+    topic = f"{unique_id}-session-faults"
+    await _topic(kafka_bootstrap, topic)
+    async with _Consumer(kafka_bootstrap, topic, sessions=True) as reader:
+        fetcher = reader.consumer._fetcher
+        first = [(p, f"a{p}-{i}".encode()) for p in range(PARTITIONS) for i in range(3)]
+        await _produce(kafka_bootstrap, topic, first)
+        assert sorted(await reader.take(len(first))) == sorted(
+            (p, i, v) for p in range(PARTITIONS) for i, v in enumerate(v for q, v in first if q == p))
+        (session,) = fetcher._sessions.values()
+        assert session.id != NO_SESSION
+
+        # The broker no longer knows the session's epoch, then its id (as after a broker restart).
+        session.epoch += 1000
+        second = [(p, f"b{p}".encode()) for p in range(PARTITIONS)]
+        await _produce(kafka_bootstrap, topic, second)
+        assert sorted(await reader.take(len(second))) == sorted((p, 3, v) for p, v in second)
+
+        session.id, session.epoch = session.id + 1, 5  # an id the broker never gave
+        third = [(p, f"c{p}".encode()) for p in range(PARTITIONS)]
+        await _produce(kafka_bootstrap, topic, third)
+        assert sorted(await reader.take(len(third))) == sorted((p, 4, v) for p, v in third)
+
+        # An id out of the broker's range: it fails the request (UNKNOWN_SERVER_ERROR), and then
+        # the replacement naming it, so the consumer starts a session afresh.
+        session.id, session.epoch = 2**31 - 7, 5
+        fourth = [(p, f"d{p}".encode()) for p in range(PARTITIONS)]
+        await _produce(kafka_bootstrap, topic, fourth)
+        assert sorted(await reader.take(len(fourth))) == sorted((p, 5, v) for p, v in fourth)
+
+        # A seek back moves a partition's offset: the session must send it, or nothing comes.
+        reader.consumer.seek(TopicPartition(topic, 5), 1)
+        assert sorted(await reader.take(5)) == [(5, 1, b"a5-1"), (5, 2, b"a5-2"), (5, 3, b"b5"), (5, 4, b"c5"),
+                                                (5, 5, b"d5")]
+
+        # Records of partition 7 left untaken while partition 8's are taken: the session forgets
+        # 7 (aiokafka fetches no partition whose records wait) and takes it back afterwards.
+        seven, eight = TopicPartition(topic, 7), TopicPartition(topic, 8)
+        await _produce(kafka_bootstrap, topic, [(7, b"e7"), (8, b"e8")])
+        taken = []
+        async with asyncio.timeout(30):
+            while len(taken) < 3:
+                for records in (await reader.consumer.getmany(eight, timeout_ms=200)).values():
+                    taken += [r.value for r in records]
+                if taken == [b"e8"]:
+                    await _produce(kafka_bootstrap, topic, [(8, b"f8"), (8, b"g8")])
+        assert taken == [b"e8", b"f8", b"g8"]
+        assert seven not in session.partitions and eight in session.partitions
+        assert [r.value for r in (await reader.consumer.getmany(seven, timeout_ms=5000))[seven]] == [b"e7"]
+        await _produce(kafka_bootstrap, topic, [(7, b"h7")])
+        assert [v for _, _, v in await reader.take(1)] == [b"h7"]
+
+        await asyncio.sleep(0.3)  # idle fetches come back empty
+        assert await reader.consumer.getmany(timeout_ms=100) == {}
+
+
+def test_a_request_that_went_without_a_session_does_not_touch_it() -> None:
+    """A broker too old for sessions gets aiokafka's full request, and the session stays new."""
+    from aiokafka.protocol.fetch import FetchRequest, FetchRequest_v6
+
+    plain = FetchRequest(100, 1, 1000, 0, [("t", [(0, 7, 100), (1, 9, 100)])])
+    session = FetchSession()
+    request = SessionFetchRequest(plain, session)
+    struct = request.build(FetchRequest_v6)
+    assert [p[0] for _, partitions in struct.topics for p in partitions] == [0, 1]
+    assert not request.in_session
+    assert session.next_request(request.wanted)[1] == INITIAL_EPOCH
