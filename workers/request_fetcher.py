@@ -146,7 +146,8 @@ class RequestFetcher:
                            timeout: float = 30.0) -> list[tuple[int, bytes]]:
         """``(offset, value)`` of the records in [start, end) of a partition, in one pass.
 
-        Offsets that retention has removed are simply absent (the caller sees which).
+        Offsets that retention has removed are simply absent (the caller sees which); a range
+        that ends past the partition's last record is read to that record, not waited on.
         """
         tp = TopicPartition(topic, partition)
         found: list[tuple[int, bytes]] = []
@@ -160,5 +161,7 @@ class RequestFetcher:
                     found.extend((record.offset, record.value) for record in batch if record.offset < end)
                     if batch and batch[-1].offset >= end - 1:
                         break
+                    if not batch and await consumer.position(tp) >= (await consumer.end_offsets([tp]))[tp]:
+                        break  # read to the end: the rest of the range is not there (retention removed it)
         return found
 

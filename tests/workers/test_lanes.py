@@ -7,12 +7,14 @@ import asyncio
 from collections import defaultdict
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from api.routes import READ_MODEL
-from app.jobs import JobStatus
+from app.jobs import JobStatus, RequestType
 from app.providers import ProviderEndpoint
 from app.settings import Settings
-from app.topics import partition_for
+from app.topics import partition_for, request_topic
 from deploy.fakes.openai_server import FakeOpenAI
 from tests.helpers import (
     PROVIDER_KEY,
@@ -156,6 +158,23 @@ async def test_waiting_jobs_start_one_at_a_time_in_order_at_a_concurrency_of_one
     assert all(ks == sorted(ks) for ks in called.values()), dict(called)
 
 
+async def _five_left_waiting_then_restarted(api, limited: Settings, restarted: Settings, meanwhile=None) -> list[str]:
+    """Six jobs for the throttled provider at one call a minute: the first starts, five wait in
+    its lane; that worker stops, ``meanwhile()`` runs, and a worker with ``restarted`` takes over
+    until every job has ended. The jobs' ids, in submit order."""
+    view = api.server.app[READ_MODEL]
+    async with worker_running(limited) as worker:
+        ids = await submit_all(api, [chat(f"slow-{i}", "throttled") for i in range(6)], concurrency=1)
+        await wait_until(lambda: worker.lanes.waiting() == {"throttled": 5}, 60,
+                         lambda: f"five jobs to wait: {worker.lanes.waiting()}")
+    if meanwhile is not None:
+        await meanwhile()
+    async with worker_running(restarted):
+        await wait_until(lambda: all(view.get(i).status.is_terminal for i in ids), 60,
+                         lambda: f"every job to end: {[view.get(i).status for i in ids]}")
+    return ids
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("now", ["unlimited", "removed"])
 async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
@@ -172,13 +191,7 @@ async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
     api = await start_api(limited)
     view = api.server.app[READ_MODEL]
     try:
-        async with worker_running(limited) as worker:
-            ids = await submit_all(api, [chat(f"slow-{i}", "throttled") for i in range(6)], concurrency=1)
-            await wait_until(lambda: worker.lanes.waiting() == {"throttled": 5}, 60,
-                             lambda: f"five jobs to wait: {worker.lanes.waiting()}")
-        async with worker_running(restarted):
-            await wait_until(lambda: all(view.get(i).status.is_terminal for i in ids), 60,
-                             lambda: f"every job to end: {[view.get(i).status for i in ids]}")
+        ids = await _five_left_waiting_then_restarted(api, limited, restarted)
     finally:
         await api.close()
     if now == "unlimited":
@@ -191,3 +204,41 @@ async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
         assert calls_per_marker(throttled) == {f"slow-{codes.index(200)}": 1}
         assert {view.get(i).error.error.message for i in ids if view.get(i).error} == {
             "provider throttled is not configured for chat_completion"}
+
+
+async def _delete_every_record(bootstrap: str, topic: str, partitions: int) -> None:
+    """What retention does to a topic: every record up to each partition's end is gone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        await admin.delete_records({tp: RecordsToDelete(end) for tp, end in ends.items()})
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+@pytest.mark.timeout(240)
+async def test_a_waiting_job_whose_request_retention_removed_ends_with_an_error(
+        settings: Settings, fake_openai: FakeOpenAI, throttled: FakeOpenAI, tmp_path) -> None:
+    # Jobs wait in a lane longer than the request topic keeps their requests: when their turn
+    # comes they end with the service's error, not wait for a record that no longer exists (in
+    # a partition nothing else was written to, the read waited for a record past the end, timed
+    # out, and was retried as if Kafka were away, for ever).
+    limited = two_providers(settings, fake_openai, throttled, requests_per_minute=1)
+    restarted = with_values(two_providers(settings, fake_openai, throttled), worker_data_dir=str(tmp_path / "other"))
+    api = await start_api(limited)
+    view = api.server.app[READ_MODEL]
+    try:
+        ids = await _five_left_waiting_then_restarted(api, limited, restarted, meanwhile=lambda: _delete_every_record(
+            settings.require_bootstrap_servers(), request_topic(settings, RequestType.chat_completion),
+            settings.topic_partitions))
+    finally:
+        await api.close()
+    codes = [view.get(i).status_code for i in ids]
+    assert sorted(codes) == [200] + [500] * 5
+    assert calls_per_marker(throttled) == {f"slow-{codes.index(200)}": 1}
+    assert {view.get(i).error.error.message for i in ids if view.get(i).error} == {
+        "the job's request is no longer in Kafka (retention removed it)"}
