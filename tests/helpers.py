@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from faust.contrib.asgi import faust_app_running
 
 from api.connections import ConnectionLimits, GuardedAppRunner, serve
@@ -254,6 +254,21 @@ async def end_offsets(settings: Settings, topic: str) -> int:
         return sum((await consumer.end_offsets(tps)).values())
     finally:
         await consumer.stop()
+
+
+async def delete_every_record(settings: Settings, topic: str) -> None:
+    """What retention does to a topic: every record up to each partition's end is gone."""
+    bootstrap = settings.require_bootstrap_servers()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+        await admin.delete_records({tp: RecordsToDelete(end) for tp, end in ends.items()})
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 async def topics_named(settings: Settings, *prefixes: str) -> set[str]:

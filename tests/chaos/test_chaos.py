@@ -25,6 +25,7 @@ from tests.helpers import (
     CHAT,
     PROVIDER_KEY,
     calls_per_marker,
+    delete_every_record,
     end_offsets,
     ferry_settings_for,
     job_body,
@@ -384,3 +385,38 @@ async def test_jobs_waiting_in_a_lane_survive_a_sigkill(settings: Settings, fake
     assert states(api, ids)[JobStatus.completed] == jobs
     assert ended_at_kill < jobs - 10  # most of them were waiting
     assert len(calls) == jobs and repeated <= started_at_kill
+
+
+@pytest.mark.timeout(300)
+async def test_jobs_resumed_after_retention_removed_their_requests_end_with_an_error(
+        settings: Settings, slow_fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A worker dies mid-call, and by the time another resumes the jobs retention has removed
+    their requests: they end with the service's 500, not stay `processing` for ever (the read
+    of a removed request waited for a record past the partition's end and was retried)."""
+    own = ferry_settings_for(settings, slow_fake, kafka_session_timeout_seconds=6,
+                             providers={"openai": {"base_url": slow_fake.base_url, "api_key": PROVIDER_KEY,
+                                                   "timeout_seconds": 120}})
+    api = await start_api(own)
+    first = FerryProcess("workers", own, tmp_path / "worker-a").start()
+    replacement = FerryProcess("workers", own, tmp_path / "worker-b")
+    jobs = 3
+    try:
+        slow_fake.hold_answers()
+        ids = await submit_all(api, [job_body(f"job-{i}") for i in range(jobs)])
+        await wait_until(lambda: slow_fake.in_flight == jobs, 120, "every call to be held at the provider")
+        first.kill()
+        await delete_every_record(own, request_topic(own, RequestType.chat_completion))
+        slow_fake.release_answers()  # to the dead worker's closed connections
+        replacement.start()
+        await wait_until(lambda: terminal_count(api, ids) == jobs, 120,
+                         lambda: f"every job to end: {states(api, ids)}", 0.2)
+    finally:
+        slow_fake.release_answers()
+        first.kill()
+        replacement.kill()
+        await api.close()
+    view = api.server.app[READ_MODEL]
+    assert [view.get(i).status_code for i in ids] == [500] * jobs
+    assert {view.get(i).error.error.message for i in ids} == {
+        "the job's request is no longer in Kafka (retention removed it)"}
+    assert len(slow_fake.requests) == jobs  # nothing called again

@@ -7,8 +7,6 @@ import asyncio
 from collections import defaultdict
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from api.routes import READ_MODEL
 from app.jobs import JobStatus, RequestType
@@ -19,6 +17,7 @@ from deploy.fakes.openai_server import FakeOpenAI
 from tests.helpers import (
     PROVIDER_KEY,
     calls_per_marker,
+    delete_every_record,
     start_api,
     submit,
     submit_all,
@@ -206,20 +205,6 @@ async def test_jobs_left_waiting_for_a_provider_no_longer_limited_are_not_stuck(
             "provider throttled is not configured for chat_completion"}
 
 
-async def _delete_every_record(bootstrap: str, topic: str, partitions: int) -> None:
-    """What retention does to a topic: every record up to each partition's end is gone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
-        await admin.delete_records({tp: RecordsToDelete(end) for tp, end in ends.items()})
-    finally:
-        await consumer.stop()
-        await admin.close()
-
-
 @pytest.mark.timeout(240)
 async def test_a_waiting_job_whose_request_retention_removed_ends_with_an_error(
         settings: Settings, fake_openai: FakeOpenAI, throttled: FakeOpenAI, tmp_path) -> None:
@@ -232,9 +217,8 @@ async def test_a_waiting_job_whose_request_retention_removed_ends_with_an_error(
     api = await start_api(limited)
     view = api.server.app[READ_MODEL]
     try:
-        ids = await _five_left_waiting_then_restarted(api, limited, restarted, meanwhile=lambda: _delete_every_record(
-            settings.require_bootstrap_servers(), request_topic(settings, RequestType.chat_completion),
-            settings.topic_partitions))
+        ids = await _five_left_waiting_then_restarted(api, limited, restarted, meanwhile=lambda: delete_every_record(
+            settings, request_topic(settings, RequestType.chat_completion)))
     finally:
         await api.close()
     codes = [view.get(i).status_code for i in ids]
