@@ -7,7 +7,7 @@ cluster. State lives under ``<home>``:
 
     libs/             the jar cache, shared by all homes (a marker records a complete download)
     data/             KRaft metadata and topic logs (formatted once, kept across restarts)
-    logs/server.log   the broker's own log
+    logs/server.log   the broker's own log (rolls to server.log.1 at 100 MB)
     server.properties generated on every start from the port settings
     broker.pid        the running broker's pid
 
@@ -346,6 +346,8 @@ class LocalKafka:
     def _started_since(self, offset: int) -> bool:
         try:
             with open(self._server_log(), "rb") as log:
+                if os.fstat(log.fileno()).st_size < offset:
+                    offset = 0  # the log rolled over (at its size cap) since this start began
                 log.seek(offset)
                 return STARTED_MARKER.encode() in log.read()
         except OSError:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.kafka.broker import LocalKafka
+from deploy.kafka.broker import STARTED_MARKER, LocalKafka
 
 
 def _broker_processes(properties: Path) -> list[int]:
@@ -61,3 +61,18 @@ def test_cluster_ids_never_look_like_options() -> None:
 
     ids = [_kafka_uuid() for _ in range(2000)]  # about 31 of 2000 would start with "-" unchecked
     assert all(not cluster_id.startswith("-") and len(cluster_id) == 22 for cluster_id in ids)
+
+
+def test_a_start_is_seen_in_a_log_that_rolled_over_since(tmp_path: Path) -> None:
+    # The broker's log rolls at its size cap; a start that rolled it writes its marker at the top
+    # of a new file, shorter than the old one was when the start began.
+    broker = LocalKafka(home=tmp_path)
+    broker.log_dir.mkdir(parents=True)
+    log = broker.log_dir / "server.log"
+    log.write_text(f"[2026-12-03 16:40:00,000] INFO [KafkaRaftServer nodeId=1] {STARTED_MARKER} (kafka.Kafka)\n")
+    assert broker._started_since(offset=100 * 1024 * 1024)
+    # Without a rollover, only what the start appended counts: an earlier start's marker does not.
+    before = log.stat().st_size
+    with log.open("a") as more:
+        more.write("[2026-12-03 16:41:00,000] INFO starting (kafka.Kafka)\n")
+    assert not broker._started_since(offset=before)
