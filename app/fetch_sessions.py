@@ -3,9 +3,9 @@
 aiokafka sends every fetch as a full one: each request names every partition the consumer reads
 from that broker, and each answer lists every one of them, records or not. A worker reads 104
 partitions (eleven request topics, the job events, the jobs changelog); at a few hundred jobs a
-second each job costs about one fetch, so most of its consumer thread's CPU went on encoding and
-decoding partition entries that said nothing (docs/benchmarks.md, "Where the worker's CPU goes
-at 200 jobs/s").
+second each job costs about one fetch, much of it spent encoding and decoding partition entries
+that said nothing. With sessions the worker's consumer thread uses a fifth to a quarter less CPU
+at 200 jobs/s (docs/benchmarks.md, "Fetch sessions, and where a job's CPU goes").
 
 With a session the broker remembers the partitions and their fetch offsets: a request names only
 the partitions added or whose offset moved, and those to forget; an answer lists only the
