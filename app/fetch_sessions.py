@@ -22,7 +22,8 @@ always the one the consumer last sent.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import Fetcher
@@ -37,6 +38,7 @@ LAST_EPOCH = 2**31 - 1  # after which epochs start again at 1
 FIRST_SESSION_VERSION = 7  # fetch requests carry sessions from this version on
 
 PartitionFetch = tuple[int, int]  # (fetch offset, max bytes) of one partition
+T = TypeVar("T")
 
 
 class FetchSession:
@@ -101,26 +103,21 @@ class SessionFetchRequest(FetchRequest):  # type: ignore[misc]  # aiokafka has n
         if request_struct_class.API_VERSION < FIRST_SESSION_VERSION:
             return super().build(request_struct_class)  # a full fetch, as aiokafka sends it
         session_id, epoch, named, forgotten = self.session.next_request(self.wanted)
-        self._topics = _by_topic(named)  # what FetchRequest.build encodes
+        # What FetchRequest.build encodes: (partition, fetch offset, max bytes) under each topic.
+        self._topics = _by_topic((tp, (tp.partition, *fetch)) for tp, fetch in named.items())
         struct = super().build(request_struct_class)
         struct.session_id = session_id
         struct.session_epoch = epoch
-        struct.forgotten_topics_data = _partitions_by_topic(forgotten)
+        struct.forgotten_topics_data = _by_topic((tp, tp.partition) for tp in forgotten)
         self.in_session = True
         return struct
 
 
-def _by_topic(partitions: dict[TopicPartition, PartitionFetch]) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    grouped: dict[str, list[tuple[int, int, int]]] = {}
-    for tp, (offset, max_bytes) in partitions.items():
-        grouped.setdefault(tp.topic, []).append((tp.partition, offset, max_bytes))
-    return list(grouped.items())
-
-
-def _partitions_by_topic(partitions: list[TopicPartition]) -> list[tuple[str, list[int]]]:
-    grouped: dict[str, list[int]] = {}
-    for tp in partitions:
-        grouped.setdefault(tp.topic, []).append(tp.partition)
+def _by_topic(entries: Iterable[tuple[TopicPartition, T]]) -> list[tuple[str, list[T]]]:
+    """Each partition's entry grouped under its topic, as fetch requests list them."""
+    grouped: dict[str, list[T]] = {}
+    for tp, entry in entries:
+        grouped.setdefault(tp.topic, []).append(entry)
     return list(grouped.items())
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import FetchSessionIdNotFound, InvalidFetchSessionEpoch, UnknownError
 
 from app.fetch_sessions import (
@@ -17,6 +16,7 @@ from app.fetch_sessions import (
     SessionFetchRequest,
     use_fetch_sessions,
 )
+from tests.workers.faust_repro import create_topic, produce
 
 A, B, C = (TopicPartition("t", p) for p in range(3))
 PARTITIONS = 16
@@ -69,15 +69,6 @@ def test_the_epoch_wraps_to_one() -> None:
     assert session.epoch == 1
 
 
-async def _topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-    finally:
-        await admin.close()
-
-
 class _Consumer:
     """A consumer of every partition of one topic, counting the partitions its fetches name."""
 
@@ -120,30 +111,26 @@ class _Consumer:
         return taken
 
 
-async def _produce(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        for partition, value in values:
-            await producer.send_and_wait(topic, value, partition=partition)
-    finally:
-        await producer.stop()
+def _by_partition(values: list[tuple[int, bytes]]) -> dict[int, list[tuple[None, bytes]]]:
+    grouped: dict[int, list[tuple[None, bytes]]] = {}
+    for partition, value in values:
+        grouped.setdefault(partition, []).append((None, value))
+    return grouped
 
 
 @pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "full fetches"])
 async def test_once_records_arrive_on_one_partition_fetches_name_only_the_partitions_that_changed(
         kafka_bootstrap: str, unique_id: str, sessions: bool) -> None:
     topic = f"{unique_id}-sessions"
-    await _topic(kafka_bootstrap, topic)
+    await create_topic(kafka_bootstrap, topic, PARTITIONS)
     async with _Consumer(kafka_bootstrap, topic, sessions) as reader:
-        await _produce(kafka_bootstrap, topic, [(3, b"warm-up")])
+        await produce(kafka_bootstrap, topic, {3: [(None, b"warm-up")]})
         assert await reader.take(1) == [(3, 0, b"warm-up")]
         reader.named.clear()
 
-        values = [(3, f"v{i}".encode()) for i in range(20)]
-        for value in values:  # one at a time, so that each one is a fetch of its own
-            await _produce(kafka_bootstrap, topic, [value])
-            assert [v for _, _, v in await reader.take(1)] == [value[1]]
+        for value in (f"v{i}".encode() for i in range(20)):  # one at a time: each a fetch of its own
+            await produce(kafka_bootstrap, topic, {3: [(None, value)]})
+            assert [v for _, _, v in await reader.take(1)] == [value]
 
     if sessions:
         # Partition 3 leaves the session while its record waits to be taken and comes back with its
@@ -155,11 +142,11 @@ async def test_once_records_arrive_on_one_partition_fetches_name_only_the_partit
 
 async def test_records_arrive_once_each_through_session_errors_and_seeks(kafka_bootstrap: str, unique_id: str) -> None:
     topic = f"{unique_id}-session-faults"
-    await _topic(kafka_bootstrap, topic)
+    await create_topic(kafka_bootstrap, topic, PARTITIONS)
     async with _Consumer(kafka_bootstrap, topic, sessions=True) as reader:
         fetcher = reader.consumer._fetcher
         first = [(p, f"a{p}-{i}".encode()) for p in range(PARTITIONS) for i in range(3)]
-        await _produce(kafka_bootstrap, topic, first)
+        await produce(kafka_bootstrap, topic, _by_partition(first))
         assert sorted(await reader.take(len(first))) == sorted(
             (p, i, v) for p in range(PARTITIONS) for i, v in enumerate(v for q, v in first if q == p))
         (session,) = fetcher._sessions.values()
@@ -168,19 +155,19 @@ async def test_records_arrive_once_each_through_session_errors_and_seeks(kafka_b
         # The broker no longer knows the session's epoch, then its id (as after a broker restart).
         session.epoch += 1000
         second = [(p, f"b{p}".encode()) for p in range(PARTITIONS)]
-        await _produce(kafka_bootstrap, topic, second)
+        await produce(kafka_bootstrap, topic, _by_partition(second))
         assert sorted(await reader.take(len(second))) == sorted((p, 3, v) for p, v in second)
 
         session.id, session.epoch = session.id + 1, 5  # an id the broker never gave
         third = [(p, f"c{p}".encode()) for p in range(PARTITIONS)]
-        await _produce(kafka_bootstrap, topic, third)
+        await produce(kafka_bootstrap, topic, _by_partition(third))
         assert sorted(await reader.take(len(third))) == sorted((p, 4, v) for p, v in third)
 
         # An id out of the broker's range: it fails the request (UNKNOWN_SERVER_ERROR), and then
         # the replacement naming it, so the consumer starts a session afresh.
         session.id, session.epoch = 2**31 - 7, 5
         fourth = [(p, f"d{p}".encode()) for p in range(PARTITIONS)]
-        await _produce(kafka_bootstrap, topic, fourth)
+        await produce(kafka_bootstrap, topic, _by_partition(fourth))
         assert sorted(await reader.take(len(fourth))) == sorted((p, 5, v) for p, v in fourth)
 
         # A seek back moves a partition's offset: the session must send it, or nothing comes.
@@ -191,18 +178,18 @@ async def test_records_arrive_once_each_through_session_errors_and_seeks(kafka_b
         # Records of partition 7 left untaken while partition 8's are taken: the session forgets
         # 7 (aiokafka fetches no partition whose records wait) and takes it back afterwards.
         seven, eight = TopicPartition(topic, 7), TopicPartition(topic, 8)
-        await _produce(kafka_bootstrap, topic, [(7, b"e7"), (8, b"e8")])
+        await produce(kafka_bootstrap, topic, {7: [(None, b"e7")], 8: [(None, b"e8")]})
         taken = []
         async with asyncio.timeout(30):
             while len(taken) < 3:
                 for records in (await reader.consumer.getmany(eight, timeout_ms=200)).values():
                     taken += [r.value for r in records]
                 if taken == [b"e8"]:
-                    await _produce(kafka_bootstrap, topic, [(8, b"f8"), (8, b"g8")])
+                    await produce(kafka_bootstrap, topic, {8: [(None, b"f8"), (None, b"g8")]})
         assert taken == [b"e8", b"f8", b"g8"]
         assert seven not in session.partitions and eight in session.partitions
         assert [r.value for r in (await reader.consumer.getmany(seven, timeout_ms=5000))[seven]] == [b"e7"]
-        await _produce(kafka_bootstrap, topic, [(7, b"h7")])
+        await produce(kafka_bootstrap, topic, {7: [(None, b"h7")]})
         assert [v for _, _, v in await reader.take(1)] == [b"h7"]
 
         await asyncio.sleep(0.3)  # idle fetches come back empty

@@ -91,6 +91,10 @@ reproduces it against a real broker and fails without the fix:
    apiece on the cluster, most of a moved partition's stall. Fix: ``FerryConsumerThread`` holds
    fetches ``FETCH_MAX_WAIT_MS`` (100 ms; an idle worker spends ~12 ms more CPU a second). Test:
    ``::test_an_offset_lookup_waits_behind_no_long_fetch``.
+15. Faust's aiokafka consumer sends every fetch as a full one, naming each of the ~100 partitions a
+   worker reads however few have records (aiokafka has no KIP-227 fetch sessions). Fix:
+   ``FerryConsumerThread.on_start`` gives it a fetcher with sessions (``app/fetch_sessions.py``,
+   shared with the API's read model). Test: ``::test_idle_partitions_are_left_out_of_fetches``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """
