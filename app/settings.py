@@ -249,6 +249,11 @@ class Settings(BaseSettings):
     worker_maintenance_interval_seconds: float = Field(
         2.0, gt=0, description="How often a worker looks for expired jobs and orphaned ones."
     )
+    worker_processing_record_after_seconds: float = Field(
+        0.05, ge=0, description="A call that ends sooner is recorded by its outcome alone, without a "
+        "processing record first (one Kafka write fewer a job; a poll meanwhile reads pending). Only "
+        "for requests no worker can have taken before; 0 records processing before every call."
+    )
     http_max_connections: int = Field(
         4096, ge=1, description="Provider connections one worker process holds at most (all providers)."
     )
@@ -270,7 +275,8 @@ class Settings(BaseSettings):
     )
     job_max_attempts: int = Field(
         3, ge=1, description="Workers that may start a job before it is failed as poison "
-        "(each crash or lost worker mid-call counts) and copied to the dead-letter topic."
+        "(each crash or lost worker mid-call counts, but one within worker_processing_record_after_seconds "
+        "of a new request's first call) and copied to the dead-letter topic."
     )
     worker_shutdown_grace_seconds: float = Field(
         25.0, ge=0, description="On SIGTERM, how long in-flight calls may finish before the worker leaves."

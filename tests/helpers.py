@@ -11,6 +11,7 @@ import random
 import socket
 from collections import Counter
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -20,11 +21,12 @@ from faust.contrib.asgi import faust_app_running
 from api.connections import ConnectionLimits, GuardedAppRunner, serve
 from api.routes import READ_MODEL
 from api.server import create_api
-from app.jobs import JobStatus
+from app.jobs import JobStatus, RequestType
 from app.kafka_clients import client_options
 from app.settings import Settings
-from app.topics import declare_topics, partition_for
+from app.topics import declare_topics, partition_for, request_topic
 from deploy.fakes.openai_server import FakeOpenAI
+from deploy.processes import FerryProcess
 from workers.app import FerryWorker
 
 PROVIDER_KEY = "sk-test-provider-key-0123456789"
@@ -51,6 +53,24 @@ async def wait_until(predicate, timeout: float, what, interval: float = 0.05):
 
 
 # -- ports ------------------------------------------------------------------------------------------
+
+async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether ``url`` answers 200 now; a process starting, busy or gone answers no."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def wait_ready(url: str, what: str, timeout: float = 90) -> None:
+    async with aiohttp.ClientSession() as session:
+        await wait_until(lambda: answers_200(session, url), timeout, what, 0.2)
+
+
+async def worker_ready(worker: FerryProcess, name: str) -> None:
+    await wait_ready(f"http://127.0.0.1:{worker.web_port}/health/ready", f"the {name} worker to be ready")
+
 
 def bindable(port: int) -> bool:
     """Whether ``port`` on 127.0.0.1 can be bound right now."""
@@ -314,3 +334,16 @@ def assert_contract_error(body: bytes, status: int) -> dict:
     assert error["is_bifrost_error"] is True and error["status_code"] == status
     assert error["error"]["message"] and error["extra_fields"] == {}
     return error
+
+
+async def committed_everything(settings: Settings) -> bool:
+    """Whether the group has committed the chat request topic up to its end, on every partition."""
+    topic = request_topic(settings, RequestType.chat_completion)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    done = sum(meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset > 0)
+    return done == await end_offsets(settings, topic)

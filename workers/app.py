@@ -7,21 +7,24 @@
    (``workers/lanes.py``): recorded as waiting, started later by the lane. Else the agent waits
    for an in-flight slot, writes ``processing`` (attempts + 1, where the request sits, which
    worker runs it) and hands the call to the runner (``workers/runner.py``). Either way it acks
-   the event once Kafka has that write.
+   the event once Kafka has that write. A request no worker can have taken before starts its
+   call at once, its ``processing`` record written only if the call outlasts a moment
+   (``workers/quiet_starts.py``): a fast call's outcome is its job's first record.
 3. The outcome is written to the table; if a rebalance moved the job's partition away during
    the call, it goes to the job-events topic and ``apply_job_events`` in the new owner writes it.
 4. The maintenance timer (``workers/maintenance.py``) deletes expired jobs and resumes orphans.
 
 Why nothing is lost or stuck: a request event is acked only once Kafka has its job's
-``processing`` record, and no commit passes an unacked event (``workers/faust_layer``), so a
-committed request always has its job's state in the changelog; a crash before that commit
-redelivers the request. A job ``processing`` whose worker left the group is resumed by the
-partition's owner, from the request's recorded offset. An outcome's write is sent again until
-Kafka acknowledges it, the call's slot held meanwhile. Agents catch every error per event (Faust
-would ack a failed event); a request that cannot be taken, unless unparsable, is tried again.
-Once the worker is stopping, the agents neither apply nor ack what the streams still deliver
-(Faust has revoked the tables): the partition's next owner does. The request agent never
-awaits a provider call, so rebalances are not held up by slow calls.
+``processing`` record (or, for a quiet start, its first record), and no commit passes an unacked
+event (``workers/faust_layer``), so a committed request always has its job's state in the
+changelog; a crash before that commit redelivers the request. A job ``processing`` whose worker
+left the group is resumed by the partition's owner, from the request's recorded offset. An
+outcome's write is sent again until Kafka acknowledges it, the call's slot held meanwhile.
+Agents catch every error per event (Faust would ack a failed event); a request that cannot be
+taken, unless unparsable, is tried again. Once the worker is stopping, the agents neither apply
+nor ack what the streams still deliver (Faust has revoked the tables): the partition's next
+owner does. The request agent never awaits a provider call, so rebalances are not held up by
+slow calls.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from workers.lanes import Lanes
 from workers.limits import Claim
 from workers.maintenance import Maintenance
 from workers.pages import register_pages
+from workers.quiet_starts import QuietStarts
 from workers.request_fetcher import RequestFetcher, retried_while_unreachable
 from workers.runner import JobRunner, Stopping
 
@@ -89,6 +93,11 @@ class FerryWorker:
         self.fetcher = RequestFetcher(settings)
         self.runner = JobRunner(self.caller, self.record, settings.worker_max_in_flight, metrics=self.metrics)
         self._running: dict[str, JobState] = {}  # each call in flight: the state it was started with
+        self.quiet_starts = QuietStarts(settings.worker_processing_record_after_seconds, self._record_start)
+        self._request_topics = frozenset(request_topics(settings))
+        # Per request partition: its end offset when assigned here. A request at or past it was
+        # appended since, so no other worker can have taken it: its call may start quietly.
+        self._unseen_from: dict[tuple[str, int], int] = {}
         # Per job-events partition: the end offset at assignment, until the events agent reaches it.
         # No orphan of the partition is resumed before: its outcome may be among those events.
         self._events_backlog: dict[int, int] = {}
@@ -150,6 +159,9 @@ class FerryWorker:
 
     async def _on_revoked(self, sender, revoked: set[TP], **kwargs) -> None:
         # The partitions' next owners recover the table from the changelog: it must hold our writes.
+        self._unseen_from.clear()
+        # The next owner must see the calls running here as processing, not take them again.
+        self.quiet_starts.record_all(lambda started: self._record_start(started, revoking=True))
         if not await self.table.flush_writes(timeout=self.settings.kafka_session_timeout_seconds / 2):
             log.warning("table writes not acknowledged before the rebalance went on")
         self.book.forget_assignment()
@@ -160,14 +172,24 @@ class FerryWorker:
     async def _on_assigned(self, sender, assigned: set[TP], **kwargs) -> None:
         try:
             events = [tp for tp in assigned if tp.topic == job_events_topic(self.settings)]
-            if events and not self.runner.stopping:
+            requests = [tp for tp in assigned if tp.topic in self._request_topics]
+            if (events or requests) and not self.runner.stopping:
+                generation = self.app.consumer_generation_id
+                ends = await self.when_reachable(self.fetcher.end_offsets, events + requests)
+                if ends is not None and generation == self.app.consumer_generation_id:
+                    self._unseen_from.update({(tp.topic, tp.partition): ends[tp] for tp in requests})
                 starts = await self.when_reachable(self.fetcher.start_offsets, self.settings.app_id, events)
-                ends = await self.when_reachable(self.fetcher.end_offsets, events)
                 if starts is not None and ends is not None:
                     self._events_backlog.update({tp.partition: ends[tp] for tp in events if starts[tp] < ends[tp]})
         finally:
             self._assignment_noted.set()
             self.maintain_now()  # if the rebalance ended first (else at its end)
+
+    @property
+    def assignment_noted(self) -> bool:
+        """Whether the worker has looked up what it needs about its latest assignment (Faust may
+        deliver records before: those are handled as if nothing were known)."""
+        return self._assignment_noted.is_set()
 
     def events_pending(self, partition: int) -> bool:
         """Whether job events that were in Kafka at the assignment are still to be applied."""
@@ -214,6 +236,8 @@ class FerryWorker:
         state = self.book.get(request.id)
         if state is not None and (state.status is not JobStatus.pending or state.waiting_for is not None):
             return None  # finished, started (an orphan is resumed by the timer) or in its lane already
+        if request.id in self._running:
+            return None  # started quietly: its processing record is not written yet
         state = state or JobState.pending(request)
         claim, waiting = await self.lanes.admit(state, request, location)
         if waiting is not None:
@@ -222,18 +246,36 @@ class FerryWorker:
             if claim is not None:
                 claim.release()
             raise Stopping()
-        return request.id, self.start(state, request, location, claim)
+        unseen = location.offset >= self._unseen_from.get((location.topic, location.partition), float("inf"))
+        return request.id, self.start(state, request, location, claim, quiet=unseen)
 
     def start(self, state: JobState, request: JobRequest, location: RequestLocation,
-              claim: Claim | None = None) -> asyncio.Future:
+              claim: Claim | None = None, quiet: bool = False) -> asyncio.Future:
+        """Start the job's call; the future is done when Kafka has its first record (``processing``,
+        written first unless ``quiet``: then only if the call outlasts a moment)."""
         started = state.processing(location, runner=self.id)
         if started.attempts > 1:
             self.possible_duplicate_calls += 1
             log.info("job %s: starting again (attempt %d)", state.id, started.attempts)
-        write = self.book.put(started)
         self._running[state.id] = started
+        if quiet and self.quiet_starts.after_seconds > 0:
+            recorded = self.quiet_starts.start(started)
+            self.runner.launch(request, claim=claim)
+            return recorded
+        write = self.book.put(started)
         self.runner.launch(request, after=write, claim=claim)
         return write
+
+    def _record_start(self, started: JobState, revoking: bool = False) -> asyncio.Future | None:
+        """Write a quiet start's record (``started``, or its outcome): to the table while its
+        partition is ours (or being revoked from us), straight to the changelog once the worker
+        stops (Faust has revoked the tables); None if the partition has moved away."""
+        partition = self.book.partition_of(started.id)
+        if self.app.should_stop:
+            return self.table.send_changelog(partition, started.id.encode(), started.to_bytes())
+        if revoking or self.owns(partition):
+            return self.book.put(started)
+        return None
 
     def _ack_after(self, event: faust.EventT, written: tuple[str, asyncio.Future] | None) -> None:
         """Ack once Kafka has the event's write: a committed request always has its job's state.
@@ -286,7 +328,9 @@ class FerryWorker:
             return
         started = self._running.get(event.id)
         if self.app.should_stop and started is not None and event.outcome is not None:
-            await self.table.send_changelog(partition, event.id.encode(), started.finished(event.outcome).to_bytes())
+            finished = started.finished(event.outcome).to_bytes()
+            await (self.quiet_starts.finish(event.id, event.outcome)
+                   or self.table.send_changelog(partition, event.id.encode(), finished))
         else:
             self.in_transit.add(event.id)
             self._sending.add(event.id)
@@ -299,6 +343,14 @@ class FerryWorker:
 
     async def _write_report(self, event: JobEvent) -> None:
         """Apply an outcome (once Kafka has it) or a retry report to the table."""
+        if event.id in self.quiet_starts:
+            if event.kind == "outcome" and event.outcome is not None:
+                write = self.quiet_starts.finish(event.id, event.outcome)
+                if write is None:
+                    raise PartitionMoved(event.id)
+                await self.book.until_acknowledged(event.id, write, self.owns)
+                return
+            self.quiet_starts.record_now(event.id)  # a retry: the call is not a fast one
         state = self.book.get(event.id)
         if state is None:
             return  # expired and deleted, or never known

@@ -45,9 +45,9 @@ def register_pages(worker: FerryWorker) -> None:
         return app.web.json({"status": "ok", **worker.counters()})
 
     async def ready(view, request):
-        """Ready when in the group with a settled, recovered assignment, and not stopping."""
+        """Ready when in the group with a settled, recovered and noted assignment, and not stopping."""
         is_ready = (not app.rebalancing and not worker.runner.stopping and app.consumer is not None
-                    and recovered(app))
+                    and recovered(app) and worker.assignment_noted)
         return app.web.json({"status": "ok" if is_ready else "unavailable"}, status=200 if is_ready else 503)
 
     async def metrics(view, request):

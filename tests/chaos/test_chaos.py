@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from api.errors import JOB_ID_HEADER
 from api.routes import READ_MODEL
@@ -25,8 +24,8 @@ from tests.helpers import (
     CHAT,
     PROVIDER_KEY,
     calls_per_marker,
+    committed_everything,
     delete_every_record,
-    end_offsets,
     ferry_settings_for,
     job_body,
     read_topic,
@@ -37,6 +36,7 @@ from tests.helpers import (
     terminal_count,
     unfinished,
     wait_until,
+    worker_ready,
 )
 
 
@@ -231,12 +231,17 @@ async def test_provider_429_with_retry_after_then_recovery(settings: Settings, f
 
 
 @pytest.mark.timeout(420)
-async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("record_after", [0.0, 60.0], ids=["processing-first", "quiet-first-start"])
+async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_path: Path, record_after: float) -> None:
+    """With ``processing`` written before each call, each crash counts; with the first call started
+    quietly (its record held back for longer than the crash takes), the first crash goes
+    uncounted: the redelivered request's start is recorded, and the limit holds from there."""
     fake = await FakeOpenAI(api_key=PROVIDER_KEY).start()
     # One call at a time: the jobs behind the poison are never in flight when it kills a worker
     # (a job in flight at two crashes would rightly be abandoned too).
     own = ferry_settings_for(settings, fake, topic_partitions=1, job_max_attempts=2, kafka_session_timeout_seconds=6,
-                             worker_max_in_flight=1)
+                             worker_max_in_flight=1, worker_processing_record_after_seconds=record_after)
+    uncounted_crashes = 1 if record_after else 0
     workers: list[FerryProcess] = []
     crashes = 0
 
@@ -254,6 +259,7 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     api = await start_api(own)
     start_worker()
     try:
+        await worker_ready(workers[0], "first")  # the poison is submitted after its assignment
         [poison] = await submit_all(api, [job_body("poison", latency=5)])
         behind = await submit_all(api, [job_body(f"job-{i}") for i in range(20)])
         await wait_until(lambda: terminal_count(api, [poison, *behind]) == 21, 300, "every job to end", 0.2)
@@ -276,9 +282,9 @@ async def test_poison_job_is_failed_and_dead_lettered(settings: Settings, tmp_pa
     assert poisoned["error"]["error"]["message"].startswith("job abandoned after 2 attempts")
     # Started by job_max_attempts workers, each killed by its call; the next one gave up on it
     # without calling, and ran the jobs behind it once each.
-    assert poison_attempts == own.job_max_attempts == crashes
+    assert poison_attempts == own.job_max_attempts == crashes - uncounted_crashes
     assert len(workers) == crashes + 1
-    assert calls == Counter({"poison": own.job_max_attempts} | {f"job-{i}": 1 for i in range(20)})
+    assert calls == Counter({"poison": crashes} | {f"job-{i}": 1 for i in range(20)})
     assert final == Counter({JobStatus.completed: 20, JobStatus.failed: 1})
     # Copied to the dead-letter topic once, the request as submitted.
     [(key, value)] = dead_letters
@@ -327,19 +333,6 @@ async def test_sigterm_drains_calls_in_flight_then_a_replacement_finishes(settin
     assert final[JobStatus.completed] == jobs
     # Calls in flight at SIGTERM finished inside the grace period, so nothing was called twice.
     assert duplicates == 0 and len(calls) == jobs
-
-
-async def committed_everything(settings: Settings) -> bool:
-    """Whether the group has committed the chat request topic up to its end, on every partition."""
-    topic = request_topic(settings, RequestType.chat_completion)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(settings.app_id)
-    finally:
-        await admin.close()
-    done = sum(meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset > 0)
-    return done == await end_offsets(settings, topic)
 
 
 @pytest.mark.timeout(300)

@@ -36,7 +36,9 @@ from tests.helpers import (
     start_api,
     states,
     unfinished,
+    wait_ready,
     wait_until,
+    worker_ready,
 )
 
 # Jobs submitted per second, each one's provider call taking 0.1-0.3 s: a steady load that a
@@ -71,24 +73,6 @@ class AnsweringFake(FakeOpenAI):
         answer = await super()._chat_completions(model, body, files)
         self.answered[body["messages"][-1]["content"]] += 1
         return answer
-
-
-async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
-    """Whether ``url`` answers 200 now; a process starting, busy or gone answers no."""
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-
-
-async def wait_ready(url: str, what: str, timeout: float = 90) -> None:
-    async with aiohttp.ClientSession() as session:
-        await wait_until(lambda: answers_200(session, url), timeout, what, 0.2)
-
-
-async def worker_ready(worker: FerryProcess, name: str) -> None:
-    await wait_ready(f"http://127.0.0.1:{worker.web_port}/health/ready", f"the {name} worker to be ready")
 
 
 def longest_quiet_stretch(start: float, end: float, times: list[float]) -> float:

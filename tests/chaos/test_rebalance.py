@@ -23,23 +23,31 @@ from tests.helpers import (
     terminal_count,
     unfinished,
     wait_until,
+    worker_ready,
 )
 
 
 @pytest.mark.timeout(420)
-async def test_a_worker_joining_while_calls_run_repeats_no_call(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("record_after", [Settings().worker_processing_record_after_seconds, 600.0],
+                         ids=["processing-recorded", "quiet-until-revoked"])
+async def test_a_worker_joining_while_calls_run_repeats_no_call(settings: Settings, tmp_path: Path,
+                                                                record_after: float) -> None:
     """The calls in flight on partitions that move to the joining worker keep running where they
     started; their outcomes reach the new owner through job events, and the new owner does not
-    start them again, since the worker that runs them is still in the group."""
+    start them again, since the worker that runs them is still in the group. Calls started
+    quietly, whose ``processing`` records are held back past the rebalance, have them written as
+    their partitions are revoked: the new owner does not take their requests again."""
     # Calls long enough to be in flight through the rebalance and past the new owner's first
     # maintenance ticks; a provider timeout that outlasts them.
     fake = await FakeOpenAI(api_key=PROVIDER_KEY, latency=15.0).start()
     own = ferry_settings_for(settings, fake, kafka_session_timeout_seconds=6, providers={
-        "openai": {"base_url": fake.base_url, "api_key": PROVIDER_KEY, "timeout_seconds": 60}})
+        "openai": {"base_url": fake.base_url, "api_key": PROVIDER_KEY, "timeout_seconds": 60}},
+        worker_processing_record_after_seconds=record_after)
     api = await start_api(own)
     first = FerryProcess("workers", own, tmp_path / "worker-a").start()
     second = FerryProcess("workers", own, tmp_path / "worker-b")
     try:
+        await worker_ready(first, "first")  # the jobs come after its assignment: their starts are quiet
         jobs = 120
         ids = await submit_all(api, [job_body(f"job-{i}") for i in range(jobs)])
         await wait_until(lambda: len(fake.requests) >= jobs, 120, "every job's call to be in flight", 0.1)
