@@ -9,7 +9,7 @@ time from sending the POST to reading the 200 (so it includes up to ~1 ms of pol
 ``--breakdown`` then reads the jobs' records back from Kafka (the settings' bootstrap servers and
 topics, as the API and worker read them) and splits each trip at the records' create times, which
 the producers stamp in milliseconds as they send: the API's ``pending`` and request records, the
-worker's ``processing`` and outcome records. Every process is on this box, so one clock serves.
+worker's outcome record. Every process is on this box, so one clock serves.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ HOPS = (
     ("submit sent -> pending record", "sent", "pending"),
     ("pending -> request record (the pending write acknowledged)", "pending", "request"),
     ("request record -> 202 read", "request", "accepted"),
-    ("request record -> processing record (fetch, hand-over, agent)", "request", "processing"),
-    ("processing -> outcome record (write acknowledged, provider call)", "processing", "completed"),
+    # A fast call starts quietly (workers/quiet_starts.py): its outcome is the worker's first record.
+    ("request record -> outcome record (fetch, hand-over, agent, provider call)", "request", "completed"),
     ("outcome record -> 200 read (write acknowledged, read model, poll)", "completed", "seen"),
 )
 
@@ -82,7 +82,7 @@ async def add_record_times(settings: Settings, trips: dict[str, Trip]) -> None:
                         moments.setdefault("request", record.timestamp)
                     else:
                         status = JobState.from_bytes(record.value).status
-                        if status in (JobStatus.pending, JobStatus.processing, JobStatus.completed):
+                        if status in (JobStatus.pending, JobStatus.completed):
                             moments.setdefault(status.value, record.timestamp)
     finally:
         await consumer.stop()

@@ -98,7 +98,7 @@ def test_the_benchmarks_run_ferry_at_its_shipped_log_level(tmp_path) -> None:
 
 @pytest.mark.timeout(300)
 async def test_one_job_latency_splits_each_trip_at_its_records(kafka_bootstrap, tmp_path) -> None:
-    """``bench.one_job_latency --breakdown`` finds every job's four records and times each hop."""
+    """``bench.one_job_latency --breakdown`` finds every job's three records and times each hop."""
     fake_port = free_port()
     stack = Stack(stack_settings(kafka_bootstrap, fake_port), tmp_path)
     try:
