@@ -270,12 +270,15 @@ class FerryWorker:
         """Write a quiet start's record (``started``, or its outcome): to the table while its
         partition is ours (or being revoked from us), straight to the changelog once the worker
         stops (Faust has revoked the tables); None if the partition has moved away."""
-        partition = self.book.partition_of(started.id)
         if self.app.should_stop:
-            return self.table.send_changelog(partition, started.id.encode(), started.to_bytes())
-        if revoking or self.owns(partition):
+            return self._write_to_changelog(started)
+        if revoking or self.owns(self.book.partition_of(started.id)):
             return self.book.put(started)
         return None
+
+    def _write_to_changelog(self, state: JobState) -> asyncio.Future:
+        """Write a job's state straight to the changelog: once stopping, Faust has revoked the tables."""
+        return self.table.send_changelog(self.book.partition_of(state.id), state.id.encode(), state.to_bytes())
 
     def _ack_after(self, event: faust.EventT, written: tuple[str, asyncio.Future] | None) -> None:
         """Ack once Kafka has the event's write: a committed request always has its job's state.
@@ -328,9 +331,8 @@ class FerryWorker:
             return
         started = self._running.get(event.id)
         if self.app.should_stop and started is not None and event.outcome is not None:
-            finished = started.finished(event.outcome).to_bytes()
-            await (self.quiet_starts.finish(event.id, event.outcome)
-                   or self.table.send_changelog(partition, event.id.encode(), finished))
+            await (self.quiet_starts.finish(event.id, event.outcome)  # stopping: to the changelog too
+                   or self._write_to_changelog(started.finished(event.outcome)))
         else:
             self.in_transit.add(event.id)
             self._sending.add(event.id)
