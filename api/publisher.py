@@ -60,6 +60,7 @@ from app.jobs import JobRequest, JobState
 from app.kafka_clients import client_options
 from app.retry import Backoff
 from app.settings import Settings
+from app.tasks import cancel_and_wait
 from app.topics import changelog_topic, max_message_bytes, partition_for, request_topic, request_topics
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,9 @@ class JobPublisher:
                 await producer.stop()
                 await asyncio.sleep(delay)
                 continue
+            except asyncio.CancelledError:  # stopped while connecting: close what start() opened
+                await _stop_quietly(producer)
+                raise
             self._producer = producer
             self._connected.set()
             return
@@ -165,8 +169,7 @@ class JobPublisher:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._connect_task is not None:
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
+            await cancel_and_wait(self._connect_task)
             self._connect_task = None
         if self._producer is not None:
             producer, self._producer = self._producer, None

@@ -23,14 +23,16 @@ import logging
 import time
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
 from app.fetch_sessions import use_fetch_sessions
 from app.jobs import JobState, JobStatus
 from app.kafka_clients import client_options
 from app.retry import Backoff
 from app.settings import Settings
+from app.tasks import cancel_and_wait
 from app.topics import changelog_topic, partition_for
 
 log = logging.getLogger(__name__)
@@ -72,21 +74,24 @@ class JobReadModel:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            try:
-                await consumer.stop()
-            except (KafkaError, asyncio.CancelledError) as exc:
-                # aiokafka's fetcher re-raises the cancellation of its own pending fetches (and
-                # their errors) from stop() when the broker was away; the consumer is closed all
-                # the same. A cancellation of this task itself still propagates.
-                current = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and current is not None and current.cancelling():
-                    raise
-                log.info("the read model's consumer stopped with %s", type(exc).__name__)
+            await self._stop_consumer(consumer)
+
+    @staticmethod
+    async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+        try:
+            await consumer.stop()
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001
+            # aiokafka's fetcher re-raises the cancellation of its own pending fetches (and their
+            # errors) from stop() when the broker was away or the consumer failed; the consumer is
+            # closed all the same. A cancellation of this task itself still propagates.
+            current = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and current is not None and current.cancelling():
+                raise
+            log.info("the read model's consumer stopped with %s", type(exc).__name__)
 
     async def _connect(self) -> AIOKafkaConsumer:
         backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_CAP_SECONDS)
@@ -106,22 +111,47 @@ class JobReadModel:
                 # declare_topics has checked the changelog has exactly this many partitions.
                 self._partitions = [TopicPartition(self._topic, p) for p in range(self._settings.topic_partitions)]
                 consumer.assign(self._partitions)
-                await consumer.seek_to_beginning(*self._partitions)
-                self._initial_end = await consumer.end_offsets(self._partitions)
+                # A replacement resumes where the failed consumer was; the first reads from the start.
+                await consumer.seek_to_beginning(*[tp for tp in self._partitions if tp not in self._positions])
+                for tp, position in self._positions.items():
+                    consumer.seek(tp, position)
+                if not self._initial_end:
+                    self._initial_end = await consumer.end_offsets(self._partitions)
                 return consumer
             except KafkaError as exc:
                 delay = backoff.next_delay()
                 log.warning("read model cannot reach Kafka yet (%s); retrying in %.1f s", exc, delay)
                 await consumer.stop()
                 await asyncio.sleep(delay)
+            except asyncio.CancelledError:  # stopped while connecting: close what start() opened
+                await self._stop_consumer(consumer)
+                raise
 
     async def _run(self) -> None:
-        self._consumer = consumer = await self._connect()
+        """Consume until stopped. A consumer that fails (its fetch task died, ``getmany`` raised) is
+        replaced by a new one resuming at the same offsets: otherwise polls would be answered from
+        a view that no longer moves, while readiness still said yes."""
+        backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_CAP_SECONDS)
+        while True:
+            self._consumer = consumer = await self._connect()
+            started = time.monotonic()
+            try:
+                await self._consume(consumer)
+            except Exception as exc:  # noqa: BLE001  # whatever it was, this consumer reads no more
+                if time.monotonic() - started > RETRY_CAP_SECONDS:
+                    backoff.reset()  # it had worked: a failure now is a new one
+                delay = backoff.next_delay()
+                log.error("the read model's consumer failed (%r); replacing it in %.1f s", exc, delay)
+                self._consumer = None  # not ready, and unknown ids are answered 503, until replaced
+                await self._stop_consumer(consumer)
+                await asyncio.sleep(delay)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
                 for record in records:
-                    self._apply(record.key.decode(), record.value)
+                    self._apply_record(record)
             for tp in self._partitions:
                 self._positions[tp] = await consumer.position(tp)
             if not self.caught_up and all(self._positions.get(tp, 0) >= end for tp, end in self._initial_end.items()):
@@ -152,6 +182,15 @@ class JobReadModel:
         """Apply a write this process made and Kafka acknowledged, before it comes back around."""
         self._apply(state.id, state.to_bytes())
 
+    def _apply_record(self, record: ConsumerRecord) -> None:
+        try:
+            self._apply(record.key.decode(), record.value)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Not a job state this version can read (another writer's, or damaged): the rest of the
+            # view stays live. The value is not logged: it may hold a job's data.
+            log.error("changelog record at %s-%d offset %d is not a job state (%s); skipped",
+                      record.topic, record.partition, record.offset, type(exc).__name__)
+
     def _apply(self, job_id: str, value: bytes | None) -> None:
         if value is None:
             self._states.pop(job_id, None)
@@ -163,7 +202,13 @@ class JobReadModel:
 
     def get(self, job_id: str) -> JobState | None:
         entry = self._states.get(job_id)
-        return JobState.from_bytes(entry[1]) if entry else None
+        if entry is None:
+            return None
+        try:
+            return JobState.from_bytes(entry[1])
+        except ValidationError as exc:  # a status, but not a job state: as unknown, not a 500
+            log.error("the changelog's record of job %s is not a job state (%d errors)", job_id, exc.error_count())
+            return None
 
     async def lookup(self, job_id: str) -> JobState | None:
         """The job's state; for an id not known yet, first catch up to the partition's end.

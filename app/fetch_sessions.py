@@ -10,8 +10,9 @@ at 200 jobs/s (docs/benchmarks.md, "Fetch sessions, and where a job's CPU goes")
 With a session the broker remembers the partitions and their fetch offsets: a request names only
 the partitions added or whose offset moved, and those to forget; an answer lists only the
 partitions with records, a new high watermark or an error. ``FetchSession`` keeps one broker's
-session (pure bookkeeping, no I/O); ``SessionFetcher`` is aiokafka's fetcher with one session per
-broker; ``use_fetch_sessions(consumer)`` puts it into a started consumer.
+session (pure bookkeeping, no I/O); ``SessionFetcher`` is aiokafka's fetcher (watched for a dead
+fetch task, ``app/fetcher.py``) with one session per broker; ``use_fetch_sessions(consumer)`` puts
+it into a started consumer.
 
 A request whose answer never came (connection lost, fetch abandoned at a rebalance) leaves the
 broker's view unknown, and an answer with a session error says it is lost: the next request
@@ -26,9 +27,10 @@ from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.errors import FetchSessionIdNotFound
 from aiokafka.protocol.fetch import FetchRequest
+
+from app.fetcher import WatchedFetcher, replace_fetcher
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,8 @@ def _drop_unasked(response: Any, wanted: dict[TopicPartition, PartitionFetch], s
                            for topic, partitions in response.topics]
 
 
-class SessionFetcher(Fetcher):  # type: ignore[misc]  # aiokafka has no type hints
-    """aiokafka's fetcher, keeping one fetch session per broker."""
+class SessionFetcher(WatchedFetcher):
+    """aiokafka's fetcher (watched, ``app/fetcher.py``), keeping one fetch session per broker."""
 
     def __init__(self, client: Any, subscriptions: Any, **options: Any) -> None:
         super().__init__(_SessionClient(client), subscriptions, **options)
@@ -174,17 +176,5 @@ class SessionFetcher(Fetcher):  # type: ignore[misc]  # aiokafka has no type hin
 
 
 async def use_fetch_sessions(consumer: AIOKafkaConsumer) -> None:
-    """Give a started consumer a ``SessionFetcher`` in place of the fetcher ``start()`` made,
-    with the same settings. Records the old one held and nobody took are fetched again: a
-    partition's position moves only when its records are taken."""
-    plain = consumer._fetcher
-    consumer._fetcher = SessionFetcher(
-        consumer._client, consumer._subscription,
-        key_deserializer=consumer._key_deserializer, value_deserializer=consumer._value_deserializer,
-        fetch_min_bytes=consumer._fetch_min_bytes, fetch_max_bytes=consumer._fetch_max_bytes,
-        fetch_max_wait_ms=consumer._fetch_max_wait_ms, max_partition_fetch_bytes=consumer._max_partition_fetch_bytes,
-        check_crcs=consumer._check_crcs, fetcher_timeout=consumer._consumer_timeout,
-        retry_backoff_ms=consumer._retry_backoff_ms, auto_offset_reset=consumer._auto_offset_reset,
-        isolation_level=consumer._isolation_level, client_rack=consumer._client_rack,
-    )
-    await plain.close()
+    """Give a started consumer a ``SessionFetcher`` in place of the fetcher ``start()`` made."""
+    await replace_fetcher(consumer, SessionFetcher)

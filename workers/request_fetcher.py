@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from app.fetcher import fetch_task_died, replace_fetcher
 from app.jobs import Outcome, RequestLocation, RequestType
 from app.kafka_clients import client_options
 from app.retry import Backoff
@@ -94,10 +95,17 @@ class RequestFetcher:
                 request_timeout_ms=10_000,
             )
             await consumer.start()
+            await replace_fetcher(consumer)  # one whose fetch task's death is raised, not waited out
             self._consumer = consumer
 
     async def _started(self) -> AIOKafkaConsumer:
         await self.start()
+        if self._consumer is not None and (died := fetch_task_died(self._consumer)) is not None:
+            # The read that met it failed with it (a KafkaError: retried); the retry gets a new consumer.
+            log.error("the request fetcher's consumer stopped fetching (%s); replacing it", died)
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+            await self.start()
         if self._consumer is None:
             raise FetcherStopped()
         return self._consumer
