@@ -236,8 +236,11 @@ class FerryWorker:
         state = self.book.get(request.id)
         if state is not None and (state.status is not JobStatus.pending or state.waiting_for is not None):
             return None  # finished, started (an orphan is resumed by the timer) or in its lane already
+        recorded = self.quiet_starts.recorded(request.id)
+        if recorded is not None:
+            return request.id, recorded  # started quietly: acked once Kafka has the job's first record
         if request.id in self._running:
-            return None  # started quietly: its processing record is not written yet
+            return None
         state = state or JobState.pending(request)
         claim, waiting = await self.lanes.admit(state, request, location)
         if waiting is not None:
@@ -246,7 +249,10 @@ class FerryWorker:
             if claim is not None:
                 claim.release()
             raise Stopping()
-        unseen = location.offset >= self._unseen_from.get((location.topic, location.partition), float("inf"))
+        # Quiet only while the partition is writable: during a rebalance's recovery a held start
+        # could not be recorded when due.
+        unseen = (location.offset >= self._unseen_from.get((location.topic, location.partition), float("inf"))
+                  and self.owns(self.book.partition_of(request.id)))
         return request.id, self.start(state, request, location, claim, quiet=unseen)
 
     def start(self, state: JobState, request: JobRequest, location: RequestLocation,

@@ -47,15 +47,28 @@ class QuietStarts:
         self._unrecorded[started.id] = (started, timer, recorded)
         return recorded
 
+    def recorded(self, job_id: str) -> asyncio.Future | None:
+        """The future done when Kafka has a held-back job's first record; None if not held back."""
+        held = self._unrecorded.get(job_id)
+        return held[2] if held is not None else None
+
     def record_now(self, job_id: str, write: Write | None = None) -> None:
         """Write the job's processing record now, if it is still held back (the timer, a retry
-        report, a revocation; ``write`` in place of the default one)."""
-        held = self._unrecorded.pop(job_id, None)
+        report, a revocation; ``write`` in place of the default one).
+
+        A write refused (the partition is not writable this moment: Faust marks a rebalance as
+        begun before the revocation reaches the worker) leaves the start held, for the
+        revocation to write: dropped, the next owner found the job ``pending`` and called again."""
+        held = self._unrecorded.get(job_id)
         if held is None:
             return
         started, timer, recorded = held
+        written = (write or self._write)(started)
+        if written is None:
+            return
+        del self._unrecorded[job_id]
         timer.cancel()
-        _settle(recorded, (write or self._write)(started))
+        _settle(recorded, written)
 
     def record_all(self, write: Write | None = None) -> None:
         for job_id in list(self._unrecorded):
@@ -63,13 +76,17 @@ class QuietStarts:
 
     def finish(self, job_id: str, outcome: Outcome) -> asyncio.Future | None:
         """Write a held-back job's outcome as its first record (None if the job is not held back,
-        or its partition is not this worker's now)."""
-        held = self._unrecorded.pop(job_id, None)
+        or its partition is not writable now: then the start stays held for the revocation to
+        record as ``processing``, and the outcome goes through job events)."""
+        held = self._unrecorded.get(job_id)
         if held is None:
             return None
         started, timer, recorded = held
-        timer.cancel()
         write = self._write(started.finished(outcome))
+        if write is None:
+            return None
+        del self._unrecorded[job_id]
+        timer.cancel()
         _settle(recorded, write)
         return write
 

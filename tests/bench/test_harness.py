@@ -37,6 +37,8 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     assert e2e["statuses"] == {"200": e2e["requests"]} and e2e["requests"] == 100  # 50/s for 2 s, all completed
     assert scenarios["inflight"]["rate_50"]["peak_in_flight"] > 0  # 2 s calls overlap
     assert scenarios["e2e"]["warmup"]["requests"] == 50  # 50/s for 1 s before the measured load
+    first = scenarios["e2e"]["warmup"]["first_second"]  # all of that second's jobs, each with its latency
+    assert first["jobs"] == 50 and first["p50_ms"] <= first["p99_ms"]
     backlog = scenarios["backlog"]["backlog"]
     assert backlog["jobs"] == 300 and backlog["worker_rss_series"]
     assert scenarios["backlog"]["poll"]["statuses"] == {"200": scenarios["backlog"]["poll"]["requests"]}

@@ -97,12 +97,26 @@ async def test_a_revocation_writes_every_held_start_once_with_its_own_writer() -
     assert all(job.id not in quiet for job in jobs)
 
 
-async def test_nothing_is_held_for_a_job_whose_partition_is_not_this_workers() -> None:
+async def test_a_start_not_writable_when_due_stays_held_for_the_revocation() -> None:
+    """Faust marks a rebalance as begun (no partition writable) before the revocation reaches the
+    worker: a timer or an outcome due in between dropped the held start, nothing was written, and
+    the partition's next owner found the job pending and called the provider again."""
+    table, revoking, writable = Table(), Table(), False
+    quiet = QuietStarts(600, lambda state: table.write(state) if writable else None)
     started = started_job()
-    quiet = QuietStarts(600, lambda state: None)
     recorded = quiet.start(started)
-    assert quiet.finish(started.id, Outcome(status_code=200, result={})) is None
-    assert started.id not in quiet and not recorded.done()  # the request stays unacked
+    quiet.record_now(started.id)  # its timer, in that moment
+    assert quiet.finish(started.id, Outcome(status_code=200, result={})) is None  # to job events
+    assert started.id in quiet and quiet.recorded(started.id) is recorded and table.written == []
+
+    quiet.record_all(revoking.write)  # the revocation: the next owner sees the call as processing
+    assert revoking.states == [started] and started.id not in quiet and quiet.recorded(started.id) is None
+    revoking.written[0][1].set_result("acknowledged")
+    await asyncio.sleep(0)
+    assert recorded.result() == "acknowledged"  # the request is acked now
+    writable = True
+    quiet.record_now(started.id)
+    assert table.written == []
 
 
 # -- a worker and the API on a real broker ----------------------------------------------------------
