@@ -146,6 +146,12 @@ class LocalKafka:
         return self.home / "broker.pid"
 
     @property
+    def started_file(self) -> Path:
+        """The pid of the last broker seen started: its log may since have rolled over (100 MB,
+        one old file kept) and no longer hold the start marker."""
+        return self.home / "broker.started"
+
+    @property
     def properties_file(self) -> Path:
         return self.home / "server.properties"
 
@@ -338,10 +344,18 @@ class LocalKafka:
             if proc is not None and proc.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise BrokerError(f"the broker exited with {proc.returncode}; see {self.log_dir}")
-            if self._started_since(log_offset) and _port_open(self.port):
+            if (self._seen_started() or self._started_since(log_offset)) and _port_open(self.port):
+                self.started_file.write_text(str(self._read_pid()))
                 return
             time.sleep(0.2)
         raise BrokerError(f"the broker did not start within {timeout:.0f} s; see {self.log_dir}")
+
+    def _seen_started(self) -> bool:
+        pid = self._read_pid()
+        try:
+            return pid is not None and int(self.started_file.read_text().strip()) == pid
+        except (OSError, ValueError):
+            return False
 
     def _started_since(self, offset: int) -> bool:
         try:
@@ -368,6 +382,7 @@ class LocalKafka:
                 time.sleep(0.05)
         self._wait_ports_closed()
         self.pid_file.unlink(missing_ok=True)
+        self.started_file.unlink(missing_ok=True)
         return True
 
     def _wait_ports_closed(self, timeout: float = 15.0) -> None:

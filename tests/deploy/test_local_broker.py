@@ -42,6 +42,21 @@ def test_start_twice_gives_one_broker_and_stop_leaves_nothing(private_broker: Lo
     assert private_broker.stop() is False  # stopping twice is harmless
 
 
+@pytest.mark.timeout(300)
+def test_a_running_broker_whose_log_rolled_over_is_found(private_broker: LocalKafka) -> None:
+    """A long-running broker's log rolls over at 100 MB, one old file kept: after two rolls its
+    start marker is gone, and every later start() (each test session's, each bench run's) waited
+    90 s and failed with "the broker did not start"."""
+    address = private_broker.start()
+    pid = private_broker.running_pid()
+    log = private_broker.log_dir / "server.log"
+    log.replace(private_broker.log_dir / "server.log.1")
+    log.write_text("")  # as log4j leaves it: a new file, the marker in none
+    again = LocalKafka(home=private_broker.home, port=private_broker.port, heap="512m")
+    assert again.start(timeout=20) == address
+    assert again.running_pid() == pid
+
+
 @pytest.mark.timeout(240)
 def test_start_after_a_crash(private_broker: LocalKafka) -> None:
     private_broker.start()
