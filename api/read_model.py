@@ -112,7 +112,10 @@ class JobReadModel:
                 self._partitions = [TopicPartition(self._topic, p) for p in range(self._settings.topic_partitions)]
                 consumer.assign(self._partitions)
                 # A replacement resumes where the failed consumer was; the first reads from the start.
-                await consumer.seek_to_beginning(*[tp for tp in self._partitions if tp not in self._positions])
+                # (seek_to_beginning() with no partition named would reset every one of them.)
+                unread = [tp for tp in self._partitions if tp not in self._positions]
+                if unread:
+                    await consumer.seek_to_beginning(*unread)
                 for tp, position in self._positions.items():
                     consumer.seek(tp, position)
                 if not self._initial_end:

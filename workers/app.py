@@ -240,7 +240,7 @@ class FerryWorker:
         if recorded is not None:
             return request.id, recorded  # started quietly: acked once Kafka has the job's first record
         if request.id in self._running:
-            return None
+            return None  # started here the usual way: its processing record is written or on its way
         state = state or JobState.pending(request)
         claim, waiting = await self.lanes.admit(state, request, location)
         if waiting is not None:
