@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
+from api.answers import json_answer
 from app.jobs import ErrorDetail, ErrorObject
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class ApiError(Exception):
         )
 
     def to_response(self) -> web.Response:
-        response = web.json_response(self.to_error_object().to_json_dict(), status=self.status, headers=self.headers)
+        response = json_answer(self.to_error_object().to_json_dict(), status=self.status, headers=self.headers)
         if self.close_connection:
             response.force_close()
         return response

@@ -12,8 +12,9 @@ has consumed its partition up to the end offset taken at the time of the poll (b
 ``read_wait_seconds``). A 202 is only sent after the pending record was acknowledged, so if the
 job exists, that end offset covers it.
 
-States are kept as the raw JSON bytes (parsed on read), with the status rank beside them so a
-late ``pending`` never overwrites a later state.
+States are kept as the raw JSON bytes (parsed on read, the latest few thousand parses kept for
+the polls that repeat them), with the status rank beside them so a late ``pending`` never
+overwrites a later state.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ PROBE_TIMEOUT_SECONDS = 1.0
 # Waits between connection attempts, in seconds.
 RETRY_FIRST_SECONDS = 0.2
 RETRY_CAP_SECONDS = 5.0
+# How many parsed states are kept for the polls that follow: a client polls a waiting job every
+# few milliseconds, and each poll would otherwise parse the same bytes again (docs/benchmarks.md).
+RECENT_STATES = 4096
 
 
 class ViewUnavailable(Exception):
@@ -57,6 +61,7 @@ class JobReadModel:
         self._settings = settings
         self._topic = changelog_topic(settings)
         self._states: dict[str, tuple[int, bytes]] = {}
+        self._recent: dict[str, tuple[bytes, JobState]] = {}  # the latest parses, oldest first
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[TopicPartition] = []
@@ -197,6 +202,7 @@ class JobReadModel:
     def _apply(self, job_id: str, value: bytes | None) -> None:
         if value is None:
             self._states.pop(job_id, None)
+            self._recent.pop(job_id, None)
             return
         rank = JobStatus(orjson.loads(value)["status"]).rank
         current = self._states.get(job_id)
@@ -207,11 +213,19 @@ class JobReadModel:
         entry = self._states.get(job_id)
         if entry is None:
             return None
+        value = entry[1]
+        recent = self._recent.get(job_id)
+        if recent is not None and recent[0] is value:  # the same record: states are immutable
+            return recent[1]
         try:
-            return JobState.from_bytes(entry[1])
+            state = JobState.from_bytes(value)
         except ValidationError as exc:  # a status, but not a job state: as unknown, not a 500
             log.error("the changelog's record of job %s is not a job state (%d errors)", job_id, exc.error_count())
             return None
+        if recent is None and len(self._recent) >= RECENT_STATES:
+            del self._recent[next(iter(self._recent))]
+        self._recent[job_id] = (value, state)
+        return state
 
     async def lookup(self, job_id: str) -> JobState | None:
         """The job's state; for an id not known yet, first catch up to the partition's end.

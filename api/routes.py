@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from api.answers import json_answer
 from api.errors import bad_request, not_found, too_large, unavailable
 from api.keys import service_key
 from api.publisher import JobNotStorable, JobPublisher, PublishRefused, PublishUncertain
@@ -82,8 +83,7 @@ def submit_handler(request_type: RequestType) -> Callable[[web.Request], Awaitab
         # This replica answers for the job at once, even if Kafka goes away before the pending
         # record comes back through the changelog.
         request.app[READ_MODEL].remember(JobState.pending(job))
-        return web.json_response({"id": job.id, "status": "pending", "created_at": rfc3339(job.created_at)},
-                                 status=202)
+        return json_answer({"id": job.id, "status": "pending", "created_at": rfc3339(job.created_at)}, status=202)
 
     return submit
 
@@ -126,7 +126,7 @@ def poll_handler(request_type: RequestType) -> Callable[[web.Request], Awaitable
                 raise not_found("virtual key is required")
             if key_fingerprint(key) != state.owner:
                 raise not_found("virtual key mismatch")
-        return web.json_response(state.to_wire(), status=200 if state.status.is_terminal else 202)
+        return json_answer(state.to_wire(), status=200 if state.status.is_terminal else 202)
 
     return poll
 

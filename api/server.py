@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from api.answers import json_answer
 from api.connections import body_deadline, handler_args
 from api.errors import error_middleware
 from api.metrics import METRICS, metrics_middleware, metrics_page
@@ -25,7 +26,7 @@ LISTEN_BACKLOG = 4096
 
 
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_answer({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -33,7 +34,7 @@ async def ready(request: web.Request) -> web.Response:
     and can still read from Kafka: each is asked of Kafka, not remembered from the start."""
     kafka, table = await asyncio.gather(request.app[PUBLISHER].ready(), request.app[READ_MODEL].ready())
     body = {"status": "ok" if kafka and table else "unavailable", "kafka": kafka, "table_caught_up": table}
-    return web.json_response(body, status=200 if kafka and table else 503)
+    return json_answer(body, status=200 if kafka and table else 503)
 
 
 async def _lifecycle(api: web.Application) -> AsyncIterator[None]:

@@ -58,9 +58,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_NO_OFFSET = timedelta(0)
+
+
 def rfc3339(moment: datetime) -> str:
     """UTC, millisecond precision, ``Z`` suffix: ``2026-02-19T08:10:17.831Z``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.utcoffset() != _NO_OFFSET:  # a parsed time's tzinfo is pydantic's UTC, not datetime's
+        moment = moment.astimezone(UTC)
+    # isoformat is about twice as fast as strftime, and pads a year below 1000 as RFC 3339 wants.
+    return moment.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def key_fingerprint(key: str) -> str:

@@ -66,6 +66,7 @@ class Recorder:
         self.began = time.perf_counter()
         self.samples: list[tuple[float, float, int]] = []
         self.connection_errors = 0  # polls sent again on a new connection
+        self.polls = 0  # e2e: GETs sent, answered or not (the API's work grows with the latency)
 
     def add(self, started: float, status: int) -> None:
         now = time.perf_counter()
@@ -125,6 +126,7 @@ async def e2e(args) -> Recorder:
                 if args.max_wait and time.perf_counter() - started > args.max_wait:
                     recorder.add(started, NOT_DONE_IN_TIME)
                     return
+                recorder.polls += 1
                 try:
                     async with session.get(f"{CHAT}/{body['id']}") as reply:
                         await reply.read()
@@ -214,7 +216,7 @@ def main() -> None:
     with open(args.out, "w") as out:
         json.dump({"mode": args.mode, "wall_seconds": round(time.perf_counter() - recorder.began, 3),
                    "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "samples": recorder.samples,
-                   "connection_errors": recorder.connection_errors}, out)
+                   "connection_errors": recorder.connection_errors, "polls": recorder.polls}, out)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,14 @@ def first_after(moment: float | None, times: list[float]) -> float | None:
     return round(first - moment, 3) if first is not None else None
 
 
+def polls_per_job(load: dict) -> dict:
+    """e2e: the GETs sent per job; a poll every 5 ms at first, so it rises with the latency, and
+    with it the API's CPU per job."""
+    if load.get("mode") != "e2e" or not load["samples"]:
+        return {}
+    return {"polls_per_job": round(load.get("polls", 0) / len(load["samples"]), 2)}
+
+
 def latency_summary(load: dict, ok_status: int) -> dict:
     """A load's answers: counts by status, rate, percentiles of the ``ok_status`` ones, the generator's CPU."""
     samples = load["samples"]
@@ -300,7 +308,7 @@ def latency_summary(load: dict, ok_status: int) -> dict:
             "p50_ms": percentile(ok, 0.50), "p99_ms": percentile(ok, 0.99), "p999_ms": percentile(ok, 0.999),
             "mean_ms": round(statistics.fmean(ok), 2) if ok else None,
             "loadgen_cpu_percent": round(100 * load["cpu_seconds"] / wall, 1),
-            "polls_sent_again": load.get("connection_errors", 0)}
+            "polls_sent_again": load.get("connection_errors", 0)} | polls_per_job(load)
 
 
 def run_load(workdir: Path, mode: str, *args: str) -> dict:

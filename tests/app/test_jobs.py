@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 from app.jobs import (
     ErrorDetail,
@@ -55,3 +55,12 @@ def test_status_ranks_order_a_jobs_life() -> None:
 
 def test_rfc3339_is_utc_milliseconds() -> None:
     assert rfc3339(CREATED) == "2026-02-19T08:10:17.831Z"
+
+
+def test_rfc3339_converts_any_offset_and_pads_the_year() -> None:
+    parsed = JobState.from_bytes(JobState.pending(REQUEST).to_bytes()).created_at  # pydantic's own UTC tzinfo
+    assert rfc3339(parsed) == "2026-02-19T08:10:17.831Z"
+    assert rfc3339(datetime(2026, 2, 19, 10, 10, 17, 831999, tzinfo=timezone(timedelta(hours=2)))) == \
+        "2026-02-19T08:10:17.831Z"
+    # RFC 3339 years have four digits; strftime's %Y wrote "1-01-01T..." for this one.
+    assert rfc3339(datetime(1, 1, 1, tzinfo=UTC)) == "0001-01-01T00:00:00.000Z"

@@ -59,6 +59,10 @@ def test_each_app_counts_in_its_own_registry() -> None:
     assert value(found, "ferry_jobs_submitted_total", request_type="embedding") == 1
     assert value(found, "ferry_jobs_refused_total", request_type="embedding", reason="invalid_request") == 1
     assert value(other, "ferry_jobs_submitted_total", request_type="embedding") == 0
+    first.count_answer("submit", RequestType.embedding, 202, 0.01)  # the same series again
+    found = samples(first.render()[0])
+    assert value(found, "ferry_api_responses_total", operation="submit", status_code="202") == 2
+    assert value(found, "ferry_api_request_duration_seconds_count", operation="submit") == 3
     assert first.render()[1].startswith("text/plain")
 
 

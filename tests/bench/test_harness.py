@@ -35,13 +35,17 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     assert submit["ratio_to_bare"] > 0 and submit["ferry"]["api"]["rss_mb_max"] > 0
     e2e = scenarios["e2e"]["rate_50"]
     assert e2e["statuses"] == {"200": e2e["requests"]} and e2e["requests"] == 100  # 50/s for 2 s, all completed
+    assert e2e["polls_per_job"] >= 1 and e2e["api_cpu_ms_per_request"] > 0  # each job polled until done
     assert scenarios["inflight"]["rate_50"]["peak_in_flight"] > 0  # 2 s calls overlap
     assert scenarios["e2e"]["warmup"]["requests"] == 50  # 50/s for 1 s before the measured load
     first = scenarios["e2e"]["warmup"]["first_second"]  # all of that second's jobs, each with its latency
     assert first["jobs"] == 50 and first["p50_ms"] <= first["p99_ms"]
+    restarted = scenarios["e2e"]["worker_restarted"]  # a fresh worker, then 50/s for 1 s at once
+    assert restarted["statuses"] == {"200": 50} and restarted["first_second"]["jobs"] == 50
     backlog = scenarios["backlog"]["backlog"]
     assert backlog["jobs"] == 300 and backlog["worker_rss_series"]
-    assert scenarios["backlog"]["poll"]["statuses"] == {"200": scenarios["backlog"]["poll"]["requests"]}
+    poll = scenarios["backlog"]["poll"]
+    assert poll["statuses"] == {"200": poll["requests"]} and poll["api_cpu_ms_per_poll"] > 0
     rebalance = scenarios["rebalance"]
     # 20 jobs/s for 24 s while a second worker starts and is stopped: every job accepted ends, and was called.
     accepted = rebalance["jobs_submitted"]
