@@ -234,9 +234,10 @@ class JobPublisher:
 
     # -- publishing -------------------------------------------------------------------------------
 
-    async def publish(self, request: JobRequest) -> None:
-        """Store the job durably, or raise ``PublishRefused`` / ``PublishUncertain`` (see the
-        module docstring), or ``JobNotStorable`` before any write."""
+    async def publish(self, request: JobRequest) -> bytes:
+        """Store the job durably and return its ``pending`` record as written, or raise
+        ``PublishRefused`` / ``PublishUncertain`` (see the module docstring), or
+        ``JobNotStorable`` before any write."""
         try:
             pending = JobState.pending(request).to_bytes()
             payload = request.to_bytes()
@@ -275,6 +276,7 @@ class JobPublisher:
             self._in_background(self._settle(request_ack, request.id, partition))
             raise PublishUncertain(request.id, "Kafka did not confirm the job in time", self.retry_after_seconds())
         self._note_success()
+        return pending
 
     async def _hand_over(self, producer: AIOKafkaProducer, topic: str, value: bytes | None, key: bytes,
                          partition: int, deadline: float) -> asyncio.Future[Any] | None:

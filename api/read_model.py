@@ -186,9 +186,9 @@ class JobReadModel:
         self._probe = (time.monotonic(), result)
         return result
 
-    def remember(self, state: JobState) -> None:
+    def remember(self, job_id: str, value: bytes) -> None:
         """Apply a write this process made and Kafka acknowledged, before it comes back around."""
-        self._apply(state.id, state.to_bytes())
+        self._apply(job_id, value)
 
     def _apply_record(self, record: ConsumerRecord) -> None:
         try:

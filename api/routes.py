@@ -24,7 +24,7 @@ from api.validation import (
     validate_form_submit,
     validate_json_submit,
 )
-from app.jobs import JobRequest, JobState, RequestType, key_fingerprint, rfc3339, utcnow
+from app.jobs import JobRequest, RequestType, key_fingerprint, rfc3339, utcnow
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def submit_handler(request_type: RequestType) -> Callable[[web.Request], Awaitab
             owner=key_fingerprint(key) if key else None,
         )
         try:
-            await request.app[PUBLISHER].publish(job)
+            pending = await request.app[PUBLISHER].publish(job)
         except JobNotStorable as exc:
             raise bad_request(f"invalid request format: the request cannot be stored: {exc}") from None
         except PublishUncertain as exc:
@@ -82,7 +82,7 @@ def submit_handler(request_type: RequestType) -> Callable[[web.Request], Awaitab
                               exc.retry_after_seconds) from None
         # This replica answers for the job at once, even if Kafka goes away before the pending
         # record comes back through the changelog.
-        request.app[READ_MODEL].remember(JobState.pending(job))
+        request.app[READ_MODEL].remember(job.id, pending)
         return json_answer({"id": job.id, "status": "pending", "created_at": rfc3339(job.created_at)}, status=202)
 
     return submit

@@ -32,10 +32,10 @@ def test_the_view_answers_each_new_record_not_a_kept_parse() -> None:
     view = JobReadModel(Settings())
     pending = JobState(id="job-1", request_type=RequestType.chat_completion, status=JobStatus.pending,
                        created_at=datetime.now(UTC), ttl_seconds=3600)
-    view.remember(pending)
+    view.remember(pending.id, pending.to_bytes())
     assert view.get("job-1") == pending and view.get("job-1") is view.get("job-1")  # parsed once, kept
     done = pending.finished(Outcome(status_code=200, result={"n": 1}))
-    view.remember(done)
+    view.remember(done.id, done.to_bytes())
     assert view.get("job-1") == done
     view._apply("job-1", None)  # a tombstone
     assert view.get("job-1") is None
@@ -44,8 +44,9 @@ def test_the_view_answers_each_new_record_not_a_kept_parse() -> None:
 def test_the_views_kept_parses_are_bounded() -> None:
     view = JobReadModel(Settings())
     for number in range(RECENT_STATES + 10):
-        view.remember(JobState(id=f"job-{number}", request_type=RequestType.embedding, status=JobStatus.pending,
-                               created_at=datetime.now(UTC), ttl_seconds=60))
+        state = JobState(id=f"job-{number}", request_type=RequestType.embedding, status=JobStatus.pending,
+                         created_at=datetime.now(UTC), ttl_seconds=60)
+        view.remember(state.id, state.to_bytes())
         assert view.get(f"job-{number}") is not None
     assert len(view._recent) == RECENT_STATES
     assert view.get("job-0") is not None  # evicted from the kept parses, still in the view
