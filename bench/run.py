@@ -156,7 +156,7 @@ async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
 
 async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: float = 0.0,
                        rates: tuple[int, ...] | None = None, broker_pid: int | None = None,
-                       **worker_settings) -> dict:
+                       restart_worker: bool = False, **worker_settings) -> dict:
     fake_port = free_port()
     stack = Stack(stack_settings(bootstrap, fake_port, **worker_settings), workdir)
     results: dict = {"provider_latency_s": latency}
@@ -178,12 +178,13 @@ async def scenario_e2e(bootstrap: str, workdir: Path, sizes: Sizes, latency: flo
         # warm-up's first second above also meets a broker the run may have just started (its JIT
         # still compiling), so a fresh worker replaces the warmed one, and the warm-up's load
         # starts as soon as the new one answers ready: no jobs of its own before.
-        await asyncio.to_thread(worker.terminate, 30)
-        worker = await stack.worker()
-        restarted = await asyncio.to_thread(run_load, workdir, "e2e", "--url", url, "--rate", str(sizes.warmup_rate),
-                                            "--seconds", str(sizes.restart_seconds))
-        results["worker_restarted"] = latency_summary(restarted, 200) | {
-            "offered_per_second": sizes.warmup_rate, "first_second": first_second(restarted)}
+        if restart_worker:
+            await asyncio.to_thread(worker.terminate, 30)
+            worker = await stack.worker()
+            restarted = await asyncio.to_thread(run_load, workdir, "e2e", "--url", url, "--rate",
+                                                str(sizes.warmup_rate), "--seconds", str(sizes.restart_seconds))
+            results["worker_restarted"] = latency_summary(restarted, 200) | {
+                "offered_per_second": sizes.warmup_rate, "first_second": first_second(restarted)}
         for rate in rates or sizes.rates:
             peak = 0
             sampled = {"api": pid_of(api), "worker": pid_of(worker)} | ({"broker": broker_pid} if broker_pid else {})
@@ -675,7 +676,7 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
             if scenario == "submit":
                 results["scenarios"]["submit"] = await scenario_submit(bootstrap, workdir, sizes)
             elif scenario == "e2e":
-                results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes,
+                results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes, restart_worker=True,
                                                                  broker_pid=None if on_cluster else broker_pid)
             elif scenario == "inflight":
                 results["scenarios"]["inflight"] = await scenario_e2e(bootstrap, workdir, sizes,
