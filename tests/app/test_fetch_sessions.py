@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+import types
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -13,6 +16,7 @@ from app.fetch_sessions import (
     LAST_EPOCH,
     NO_SESSION,
     FetchSession,
+    SessionFetcher,
     SessionFetchRequest,
     use_fetch_sessions,
 )
@@ -198,12 +202,104 @@ async def test_records_arrive_once_each_through_session_errors_and_seeks(kafka_b
 
 def test_a_request_that_went_without_a_session_does_not_touch_it() -> None:
     """A broker too old for sessions gets aiokafka's full request, and the session stays new."""
-    from aiokafka.protocol.fetch import FetchRequest, FetchRequest_v6
+    from aiokafka.protocol.fetch import FetchRequest_v6
 
-    plain = FetchRequest(100, 1, 1000, 0, [("t", [(0, 7, 100), (1, 9, 100)])])
     session = FetchSession()
-    request = SessionFetchRequest(plain, session)
+    request = SessionFetchRequest({A: (7, 100), B: (9, 100)}, session, **FETCH_OPTIONS)
     struct = request.build(FetchRequest_v6)
-    assert [p[0] for _, partitions in struct.topics for p in partitions] == [0, 1]
+    assert sorted((p[0], p[1]) for _, partitions in struct.topics for p in partitions) == [(0, 7), (1, 9)]
     assert not request.in_session
     assert session.next_request(request.wanted)[1] == INITIAL_EPOCH
+
+
+FETCH_OPTIONS = {"max_wait_ms": 100, "min_bytes": 1, "max_bytes": 1000, "isolation_level": 0}
+
+
+class _Buffered:
+    """Records a fetcher holds for a partition, not yet taken, whose backoff is ``backoff``."""
+
+    def __init__(self, backoff: float) -> None:
+        self.backoff = backoff
+
+    def calculate_backoff(self) -> float:
+        return self.backoff
+
+
+class _Cluster:
+    def __init__(self, leaders: dict[TopicPartition, int | None]) -> None:
+        self.leaders = leaders
+
+    def leader_for_partition(self, tp: TopicPartition) -> int | None:
+        return self.leaders.get(tp)
+
+    def broker_metadata(self, node_id: int) -> object | None:
+        return object() if node_id in (1, 2, 3) else None
+
+
+def _fetcher_in(rng: random.Random, tps: list[TopicPartition]) -> SessionFetcher:
+    """A ``SessionFetcher``'s state, drawn at random, without its fetch task (nothing is sent)."""
+    fetcher = object.__new__(SessionFetcher)
+    fetcher._client = types.SimpleNamespace(cluster=_Cluster(
+        {tp: rng.choice([1, 2, 3, 3, 3, None, -1]) for tp in tps}))
+    fetcher._records = {tp: _Buffered(rng.choice([0, 0, 0.05, 0.2])) for tp in tps if rng.random() < 0.1}
+    fetcher._in_flight = {node for node in (1, 2, 3) if rng.random() < 0.2}
+    fetcher._preferred_read_replica = (
+        {tp: (rng.choice([1, 2, 9]), time.monotonic() + rng.choice([-1, 60])) for tp in tps if rng.random() < 0.2}
+        if rng.random() < 0.5 else {})
+    fetcher._max_partition_fetch_bytes = 1048576
+    fetcher._fetch_max_wait_ms, fetcher._fetch_min_bytes, fetcher._fetch_max_bytes = 100, 1, 52428800
+    fetcher._isolation_level, fetcher._client_rack, fetcher._fetcher_timeout = 0, None, 0.2
+    fetcher._sessions = {}
+    return fetcher
+
+
+async def test_each_fetch_round_decides_as_aiokafka_does() -> None:
+    """``SessionFetcher`` decides what each partition needs in a pass of its own: over many random
+    states (records waiting with or without a backoff, fetches in flight, leaders unknown, preferred
+    replicas current or expired, positions to reset, paused partitions), the same fetches, offset
+    resets, metadata updates, resume waits and backoff as aiokafka's own pass."""
+    from aiokafka.consumer.fetcher import Fetcher
+    from aiokafka.consumer.subscription_state import SubscriptionState
+
+    rng = random.Random(20261204)
+    tps = [TopicPartition(topic, p) for topic in ("requests-a", "requests-b", "events") for p in range(8)]
+    for _ in range(300):
+        subscriptions = SubscriptionState()
+        subscriptions.assign_from_user(tps)
+        assignment = subscriptions.subscription.assignment
+        for tp in tps:
+            state, draw = assignment.state_value(tp), rng.random()
+            if draw < 0.8:
+                state.seek(rng.randrange(1000))
+                if draw < 0.15:
+                    state.pause()
+        fetcher = _fetcher_in(rng, tps)
+        preferred = dict(fetcher._preferred_read_replica)
+
+        ours = fetcher._get_actions_per_node(assignment)
+        fetcher._preferred_read_replica = preferred  # as it was: an expired entry is dropped on reading
+        theirs = Fetcher._get_actions_per_node(fetcher, assignment)
+
+        (requests, resets, backoff, invalid, resumes), (plain, plain_resets, plain_backoff, plain_invalid,
+                                                        plain_resumes) = ours, theirs
+        assert {node: request.wanted for node, request in requests} == {
+            node: {TopicPartition(topic, p): (offset, size) for topic, partitions in request.topics
+                   for p, offset, size in partitions}
+            for node, request in plain}
+        assert dict(resets) == dict(plain_resets)
+        assert (backoff, invalid) == (plain_backoff, plain_invalid)
+        assert resumes == plain_resumes
+        for node, request in requests:
+            assert request.session is fetcher._sessions[node]
+            assert (request._max_wait_ms, request._min_bytes, request._max_bytes) == (100, 1, 52428800)
+
+
+def test_an_answer_is_read_against_the_partitions_it_lists() -> None:
+    """Before its answer a request's ``topics`` lists all it fetches; after it, only those answered
+    for, with the offsets fetched (aiokafka checks each answered partition's offset against them)."""
+    request = SessionFetchRequest({A: (7, 100), B: (9, 100), C: (3, 100)}, FetchSession(), **FETCH_OPTIONS)
+    assert sorted(p for _, partitions in request.topics for p in partitions) == [(0, 7, 100), (1, 9, 100),
+                                                                                 (2, 3, 100)]
+    answer = types.SimpleNamespace(topics=[("t", [(1, 0, 12, "records")])])
+    request.answered_for(answer)
+    assert request.topics == [("t", [(1, 9, 100)])]
