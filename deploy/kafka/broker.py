@@ -65,11 +65,16 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _cmdline(pid: int) -> str:
+def _runs_properties(pid: int, properties: Path) -> bool:
+    """Whether ``pid`` is a broker started with ``properties``, under whichever path named it: a
+    second checkout whose ``.local`` links to the first's reaches the same broker by another path."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        wanted = properties.resolve()
+        return any(Path(os.fsdecode(argument)).resolve() == wanted
+                   for argument in arguments if argument.endswith(b".properties"))
     except OSError:
-        return ""
+        return False
 
 
 def _kafka_uuid() -> str:
@@ -114,8 +119,9 @@ class LocalKafka:
     min_insync_replicas: int = 1
 
     def __post_init__(self) -> None:
-        self.home = Path(self.home)
-        self.jar_cache = Path(self.jar_cache)
+        # Absolute: the broker runs with the home as its working directory.
+        self.home = Path(self.home).absolute()
+        self.jar_cache = Path(self.jar_cache).absolute()
         if self.controller_port is None:
             self.controller_port = self.port + 1
         if not self.voters:
@@ -194,7 +200,7 @@ class LocalKafka:
         pid = self._read_pid()
         if pid is None:
             return None
-        if _pid_alive(pid) and str(self.properties_file) in _cmdline(pid):
+        if _pid_alive(pid) and _runs_properties(pid, self.properties_file):
             return pid
         self.pid_file.unlink(missing_ok=True)
         return None

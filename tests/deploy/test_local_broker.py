@@ -58,6 +58,25 @@ def test_a_running_broker_whose_log_rolled_over_is_found(private_broker: LocalKa
 
 
 @pytest.mark.timeout(240)
+def test_a_broker_is_found_through_a_symlinked_home(private_broker: LocalKafka, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second checkout whose ``.local`` links to the first's: the broker's command line names the
+    first path, running_pid() compared the two as text, found no broker and deleted the running
+    one's pid file, and every later start() failed with "port taken by a process this broker home
+    did not start". The second home is given relative, as a checkout's own path would be."""
+    address = private_broker.start()
+    pid = private_broker.running_pid()
+    (tmp_path / "second-checkout").mkdir()
+    (tmp_path / "second-checkout" / "local-kafka").symlink_to(private_broker.home)
+    monkeypatch.chdir(tmp_path / "second-checkout")
+    through_link = LocalKafka(home=Path("local-kafka"), port=private_broker.port, heap="512m")
+
+    assert through_link.running_pid() == pid
+    assert through_link.start(timeout=20) == address
+    assert private_broker.running_pid() == pid  # its pid file survived
+
+
+@pytest.mark.timeout(240)
 def test_start_after_a_crash(private_broker: LocalKafka) -> None:
     private_broker.start()
     crashed_pid = private_broker.running_pid()
