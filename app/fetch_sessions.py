@@ -193,7 +193,7 @@ class SessionFetcher(WatchedFetcher):
         partitions, grouped the fetchable ones by topic, and the session took them apart again:
         on a worker's 104 partitions that was most of a fetch round's CPU in the consumer thread
         (docs/benchmarks.md, "The consumer thread's fetch round"), and at modest rates a job costs
-        a round."""
+        about two rounds."""
         fetchable: dict[int, dict[TopicPartition, PartitionFetch]] = {}
         awaiting_reset: dict[int, list[TopicPartition]] = defaultdict(list)
         backoffs: dict[int, list[float]] = {}
