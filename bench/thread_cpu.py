@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- a command to time the threads over")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    before = thread_times(args.pid)
+    try:
+        before = thread_times(args.pid)
+    except FileNotFoundError:
+        print(f"no process {args.pid}", file=sys.stderr)
+        return 2
     if command:
         code = subprocess.call(command)
         if code:
@@ -54,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             return code
     else:
         time.sleep(args.seconds)
-    for tid, name, ms in cpu_between(before, thread_times(args.pid)):
+    try:
+        after = thread_times(args.pid)
+    except FileNotFoundError:
+        print(f"process {args.pid} ended before the second reading", file=sys.stderr)
+        return 2
+    for tid, name, ms in cpu_between(before, after):
         print(f"{tid:>8} {name:<16} {ms:10.1f} ms{'  (main thread)' if tid == args.pid else ''}")
     return 0
 

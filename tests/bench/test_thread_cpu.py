@@ -49,3 +49,25 @@ def test_the_command_line_times_a_command() -> None:
         sleeper.wait()
     assert done.stderr == ""  # a sleeping process: a line only for a thread that ran (perhaps none)
     assert all(line.split()[0] == str(sleeper.pid) for line in done.stdout.splitlines())
+
+
+def test_a_process_that_is_not_there_gets_a_clear_error() -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for argv in (["--seconds", "0"], ["--", sys.executable, "-c", "pass"]):
+        done = subprocess.run([sys.executable, "-m", "bench.thread_cpu", "--pid", str(gone.pid), *argv],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr, done.stdout) == (2, f"no process {gone.pid}\n", "")
+
+
+def test_a_process_that_ends_during_the_window_gets_a_clear_error() -> None:
+    brief = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    reaper = threading.Thread(target=brief.wait)  # reaped as it ends: a zombie would still be readable
+    reaper.start()
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.thread_cpu", "--pid", str(brief.pid), "--",
+                               sys.executable, "-c", "import time; time.sleep(4)"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        reaper.join()
+    assert (done.returncode, done.stderr) == (2, f"process {brief.pid} ended before the second reading\n")
