@@ -13,9 +13,8 @@ partitions with records, a new high watermark or an error. ``FetchSession`` keep
 session (pure bookkeeping, no I/O); ``SessionFetcher`` is aiokafka's fetcher (watched for a dead
 fetch task, ``app/fetcher.py``) with one session per broker, which also decides each round's
 fetches in a single pass over the partitions (aiokafka's own pass, and taking its result apart
-for the session, cost about a millisecond of CPU per round on a worker), and makes one round per
-answer with records where aiokafka made two; ``use_fetch_sessions(consumer)`` puts it into a
-started consumer.
+for the session, cost about a millisecond of CPU per round on a worker); ``use_fetch_sessions
+(consumer)`` puts it into a started consumer.
 
 A request whose answer never came (connection lost, fetch abandoned at a rebalance) leaves the
 broker's view unknown, and an answer with a session error says it is lost: the next request
@@ -25,7 +24,6 @@ always the one the consumer last sent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections import defaultdict
@@ -187,16 +185,6 @@ class SessionFetcher(WatchedFetcher):
     def __init__(self, client: Any, subscriptions: Any, **options: Any) -> None:
         super().__init__(_SessionClient(client), subscriptions, **options)
         self._sessions: dict[int, FetchSession] = {}
-        self._taken: asyncio.Future[None] | None = None  # set when records are taken, while fetch tasks wait for it
-        self._awaiting_take = 0  # fetch tasks waiting for it
-
-    def _notify(self, future: Any) -> None:
-        # Records taken (or a partition sought or reset) while an answer's fetch task waits for
-        # it: that task is told, not the routine, which makes its round once the task is over.
-        taken = self._taken
-        if future is not None and future is self._wait_consume_future and taken is not None and not taken.done():
-            future = taken
-        super()._notify(future)
 
     def _get_actions_per_node(self, assignment: Any) -> Any:
         """aiokafka's choice of what each assigned partition needs (a fetch, an offset reset, a
@@ -204,7 +192,8 @@ class SessionFetcher(WatchedFetcher):
         one pass that builds each node's fetch as its session's ``wanted``. aiokafka's walked the
         partitions, grouped the fetchable ones by topic, and the session took them apart again:
         on a worker's 104 partitions that was most of a fetch round's CPU in the consumer thread
-        (docs/benchmarks.md, "The consumer thread's fetch round")."""
+        (docs/benchmarks.md, "The consumer thread's fetch round"), and at modest rates a job costs
+        about two rounds."""
         fetchable: dict[int, dict[TopicPartition, PartitionFetch]] = {}
         awaiting_reset: dict[int, list[TopicPartition]] = defaultdict(list)
         backoffs: dict[int, list[float]] = {}
@@ -250,36 +239,11 @@ class SessionFetcher(WatchedFetcher):
         return requests, awaiting_reset, backoff, invalid_metadata, resume_futures
 
     async def _proc_fetch_request(self, assignment: Any, node_id: int, request: Any) -> bool:
-        """Fetch from one node; an answer with records is handed to the readers before this task
-        ends, and the task ends once they take records (or the records' backoff is over).
-
-        aiokafka's task ends as soon as the records are buffered. Its routine then wakes the
-        readers and, before they run, makes a round in which this node sends nothing (its records
-        wait to be taken, which backs the node off), then another when they are taken, which sends
-        the next fetch: two rounds for each answer, the first on the path of the records it
-        brought. Here the node stays in flight until the take, so one round follows each answer,
-        after the readers have the records; what it decides is what aiokafka's second round
-        decided (the node was skipped until then either way)."""
         try:
-            has_records = bool(await super()._proc_fetch_request(assignment, node_id, request))
+            return bool(await super()._proc_fetch_request(assignment, node_id, request))
         finally:
             if isinstance(request, SessionFetchRequest) and request.in_session and not request.answered:
                 request.session.lost()
-        if not has_records:
-            return False
-        if self._taken is None or self._taken.done():
-            self._taken = asyncio.get_running_loop().create_future()
-        taken = self._taken
-        self._awaiting_take += 1
-        for waiter in list(self._fetch_waiters):
-            self._notify(waiter)
-        try:
-            await asyncio.wait([taken], timeout=self._prefetch_backoff)
-        finally:
-            self._awaiting_take -= 1
-            if not self._awaiting_take:
-                self._taken = None
-        return False  # the readers were woken above
 
 
 async def use_fetch_sessions(consumer: AIOKafkaConsumer) -> None:

@@ -303,34 +303,3 @@ def test_an_answer_is_read_against_the_partitions_it_lists() -> None:
     answer = types.SimpleNamespace(topics=[("t", [(1, 0, 12, "records")])])
     request.answered_for(answer)
     assert request.topics == [("t", [(1, 9, 100)])]
-
-
-async def test_each_answer_with_records_costs_one_fetch_round(kafka_bootstrap: str, unique_id: str) -> None:
-    """An answer with records is followed by one round, once they are taken (it sends the next
-    fetch); aiokafka made a round before the take as well, which sent nothing."""
-    topic = f"{unique_id}-rounds"
-    await create_topic(kafka_bootstrap, topic, PARTITIONS)
-    async with _Consumer(kafka_bootstrap, topic, sessions=True) as reader:
-        await produce(kafka_bootstrap, topic, {3: [(None, b"warm-up")]})
-        assert await reader.take(1) == [(3, 0, b"warm-up")]
-        fetcher = reader.consumer._fetcher
-        decide = fetcher._get_actions_per_node
-        rounds_sending_nothing = 0
-
-        def counting_decide(assignment):
-            nonlocal rounds_sending_nothing
-            actions = decide(assignment)
-            fetches, resets = actions[0], actions[1]
-            if not fetches and not resets:
-                rounds_sending_nothing += 1
-            return actions
-
-        fetcher._get_actions_per_node = counting_decide
-        values = [f"v{i}".encode() for i in range(20)]
-        for value in values:  # one at a time: each an answer of its own
-            await produce(kafka_bootstrap, topic, {3: [(None, value)]})
-            assert [v for _, _, v in await reader.take(1)] == [value]
-
-    # Before: one such round per record (the node backed off by the records waiting to be taken).
-    # A fetch the broker holds past the fetcher's 0.2 s timeout also makes one; on a stalled box, a few.
-    assert rounds_sending_nothing < len(values) // 2, rounds_sending_nothing
