@@ -5,9 +5,9 @@
 
 Reads each thread's run time from ``/proc/PID/task/TID/schedstat`` (nanoseconds the scheduler
 ran it, exact where ``/proc/PID/stat``'s ticks are 10 ms samples) before and after, and prints one
-line per thread that ran: its id, its name and the milliseconds. The one whose id is the process's
-pid is the main thread; in a worker or an API it runs the event loop, and with it all of Ferry's
-work (before 2026-12-04 a worker also had Faust's consumer thread, for aiokafka's fetches).
+line per thread that ran: its id, its name and the milliseconds. The worker's two busy threads are
+its main thread (the event loop: agents, provider calls, table writes) and Faust's consumer thread
+(aiokafka's fetches); the one whose id is the process's pid is the main thread.
 """
 
 from __future__ import annotations

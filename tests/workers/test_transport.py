@@ -1,13 +1,9 @@
 """The worker's consumer: records reach the streams directly, and by Faust's way when a stream's
-buffer is full (so that a rebalance can still interrupt the wait); it runs on the worker's own loop."""
+buffer is full (so that a rebalance can still interrupt the wait)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
-from mode.threads import WorkerThread
 
 from app.settings import Settings
 from tests.helpers import poll_until_done, submit, worker_running
@@ -37,17 +33,3 @@ async def test_records_reach_a_stream_whose_buffer_is_full(api, ferry_settings: 
         finished = [await poll_until_done(api, job_id, timeout=120) for job_id in ids]
     assert [job["status"] for job in finished] == ["completed"] * 30
     assert waited, "a full buffer made the consumer fall back to Faust's interruptible wait"
-
-
-@pytest.mark.timeout(300)
-async def test_the_consumer_runs_on_the_workers_loop_and_stops_with_it(api, ferry_settings: Settings) -> None:
-    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    async with worker_running(ferry_settings) as worker:
-        kafka_consumer = worker.app.consumer._thread._ensure_consumer()
-        threads = [thread for thread in threading.enumerate() if isinstance(thread, WorkerThread)]
-        assert threads == [], "Faust's consumer thread is not started"
-        assert kafka_consumer._fetcher._fetch_task.get_loop() is asyncio.get_running_loop()
-        finished = await poll_until_done(api, (await submit(api, body))["id"], timeout=120)
-    assert finished["status"] == "completed"
-    assert kafka_consumer._closed, "the Kafka consumer stopped with the worker"
-    assert kafka_consumer._coordinator._closing.done(), "and left its group"

@@ -1,8 +1,7 @@
 """Everything Ferry changes in Faust (faust-streaming 0.15.3), in one place, each defect with its test.
 
 The worker uses Faust through this package alone: its app factory (``app.py``), its consumer
-(``consumer.py``, on the worker's event loop), its jobs table (``table.py``) and its table
-recovery (``recovery.py``).
+(``consumer.py``), its jobs table (``table.py``) and its table recovery (``recovery.py``).
 Each override fixes a defect where it arises; the worker itself works around none.
 
 Each defect, as seen in faust-streaming 0.15.3 (upstream issue), its fix, and the test that
@@ -96,12 +95,6 @@ reproduces it against a real broker and fails without the fix:
    worker reads however few have records (aiokafka has no KIP-227 fetch sessions). Fix:
    ``FerryConsumerThread.on_start`` gives it a fetcher with sessions (``app/fetch_sessions.py``,
    shared with the API's read model). Test: ``::test_idle_partitions_are_left_out_of_fetches``.
-16. Faust runs its aiokafka consumer in a thread with an event loop of its own: each fetched batch
-   crosses threads twice (the call queued to the thread, the records sent back), and the GIL lets
-   only one of the two run, so each hand-over waits for the other's turn (measured in
-   ``docs/benchmarks.md``). Fix: ``FerryConsumerThread`` is a service on the worker's own loop,
-   its calls made directly. Test: ``tests/workers/test_transport.py::``
-   ``test_the_consumer_runs_on_the_workers_loop_and_stops_with_it``.
 
 Faust's state the worker reads (assignment, group members, recovery, lag) is read here too.
 """

@@ -6,8 +6,7 @@ See ``workers/faust_layer/__init__.py`` for each defect, its upstream issue and 
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, cast
 
 from aiokafka import TopicPartition
@@ -218,40 +217,9 @@ class FerryConsumer(faust_aiokafka.Consumer):
 
 
 class FerryConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer "thread", run on the worker's own event loop (Faust's thread made each
-    fetched batch cross threads twice, each crossing a wait for the GIL); its aiokafka consumer
-    long-polls for ``FETCH_MAX_WAIT_MS`` and fetches within sessions (``app/fetch_sessions.py``):
-    a worker reads about a hundred partitions, and without them each fetch named every one."""
-
-    def __init__(self, consumer: FerryConsumer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
-        super().__init__(consumer, loop=loop, thread_loop=loop, **kwargs)  # one loop: no thread
-
-    async def start(self) -> None:
-        self._thread_started.set()
-        await self._default_start()
-
-    async def stop(self) -> None:
-        """Stop as the thread did when it ended: the aiokafka consumer, then what the service
-        started."""
-        if not self._started.is_set() or self._stopped.is_set():
-            return
-        self._stopped.set()
-        await self.on_stop()
-        await self.on_thread_stop()
-        await self._default_stop_children()
-        self._shutdown.set()
-        await self._default_stop_futures()
-        await self._default_stop_exit_stacks()
-        await self.on_shutdown()
-
-    async def call_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        result = fun(*args, **kwargs)  # Faust queues plain functions here too
-        return await result if inspect.isawaitable(result) else result
-
-    async def cast_thread(self, fun: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        result = fun(*args, **kwargs)
-        if inspect.isawaitable(result):
-            self.add_future(result)
+    """Faust's consumer thread, whose aiokafka consumer long-polls for ``FETCH_MAX_WAIT_MS`` and
+    fetches within sessions (``app/fetch_sessions.py``): a worker reads about a hundred partitions,
+    and without them each fetch named every one."""
 
     async def on_start(self) -> None:
         await super().on_start()
