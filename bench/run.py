@@ -6,12 +6,14 @@
 
 Scenarios: ``submit`` (POST throughput of one API process, beside two ceilings: a bare aiohttp
 handler and raw aiokafka sends with the API's durability settings), ``e2e`` (submit → terminal
-through GET at fixed offered rates, zero-latency provider), ``inflight`` (provider latency 2 s,
-one worker), ``backlog`` (jobs queued before the worker starts: drain rate, worker RSS over
-time), ``poll`` (GETs on the table the backlog left, API RSS per 100,000 jobs), ``rebalance``
-(steady load while a second worker joins, then leaves on SIGTERM: the longest stretch without
-completions, lost jobs, provider calls made twice), ``resume`` (a worker SIGKILLed with
-every job's call in flight: how soon its replacement has started each one again, and its CPU),
+through GET at fixed offered rates, zero-latency provider), ``floor`` (a job's Kafka trips alone,
+without Ferry, at the e2e rates: their latency and CPU, the floor under e2e's figures;
+``bench/kafka_floor.py``), ``inflight`` (provider latency 2 s, one worker), ``backlog`` (jobs
+queued before the worker starts: drain rate, worker RSS over time), ``poll`` (GETs on the table
+the backlog left, API RSS per 100,000 jobs), ``rebalance`` (steady load while a second worker
+joins, then leaves on SIGTERM: the longest stretch without completions, lost jobs, provider
+calls made twice), ``resume`` (a worker SIGKILLed with every job's call in flight: how soon its
+replacement has started each one again, and its CPU),
 ``mixed`` (a provider throttled to 60 calls a minute with a deep backlog beside one at full speed:
 the fast one's figures alone and beside it; ``bench/mixed.py``),
 and two on the local three-node cluster: ``failover`` (a leader node SIGKILLed, a follower
@@ -73,7 +75,8 @@ from deploy.kafka.cluster import LocalKafkaCluster
 from deploy.kafka.locate import locate
 from deploy.processes import REPO_ROOT, FerryProcess, free_port
 
-SCENARIOS = ("submit", "e2e", "inflight", "backlog", "poll", "rebalance", "resume", "mixed", "failover", "scale")
+SCENARIOS = ("submit", "e2e", "floor", "inflight", "backlog", "poll", "rebalance", "resume", "mixed", "failover",
+             "scale")
 # Run only when named (they need something from the user): ``compare`` another gateway's URL.
 ON_REQUEST = ("compare",)
 # These run on the local three-node cluster (started for them when it does not run), the rest on one broker.
@@ -123,6 +126,19 @@ async def worker_in_flight(worker: FerryProcess) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{worker.web_port}/health") as reply:
             return (await reply.json())["in_flight"]
+
+
+def scenario_floor(bootstrap: str, workdir: Path, sizes: Sizes, broker_pid: int | None) -> dict:
+    """The Kafka trips of a job without Ferry, at each e2e rate, in a process of their own."""
+    results = {}
+    for rate in sizes.rates:
+        out = workdir / f"floor-{rate}.json"
+        subprocess.run([sys.executable, "-m", "bench.kafka_floor", "--bootstrap", bootstrap, "--rate", str(rate),
+                        "--seconds", str(sizes.seconds), "--warmup-seconds", str(min(5.0, sizes.seconds)),
+                        "--out", str(out), *(("--broker-pid", str(broker_pid)) if broker_pid else ())],
+                       cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+        results[f"rate_{rate}"] = json.loads(out.read_text())
+    return results
 
 
 async def scenario_submit(bootstrap: str, workdir: Path, sizes: Sizes) -> dict:
@@ -678,6 +694,9 @@ async def run(scenarios: list[str], sizes: Sizes, out_root: Path, on_cluster: bo
             elif scenario == "e2e":
                 results["scenarios"]["e2e"] = await scenario_e2e(bootstrap, workdir, sizes, restart_worker=True,
                                                                  broker_pid=None if on_cluster else broker_pid)
+            elif scenario == "floor":
+                results["scenarios"]["floor"] = scenario_floor(bootstrap, workdir, sizes,
+                                                               broker_pid=None if on_cluster else broker_pid)
             elif scenario == "inflight":
                 results["scenarios"]["inflight"] = await scenario_e2e(bootstrap, workdir, sizes,
                                                                       latency=2.0, rates=(sizes.inflight_rate,),

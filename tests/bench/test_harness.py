@@ -36,6 +36,10 @@ def test_quick_benchmark_writes_results_and_chart(kafka_bootstrap, tmp_path) -> 
     e2e = scenarios["e2e"]["rate_50"]
     assert e2e["statuses"] == {"200": e2e["requests"]} and e2e["requests"] == 100  # 50/s for 2 s, all completed
     assert e2e["polls_per_job"] >= 1 and e2e["api_cpu_ms_per_request"] > 0  # each job polled until done
+    floor = scenarios["floor"]["rate_50"]  # a job's Kafka trips alone: all 100 went round, each stage timed
+    assert floor["jobs"] == floor["completed"] == 100 and floor["clients_cpu_ms_per_job"] > 0
+    reached = floor["median_ms_from_start"]
+    assert 0 < reached["pending_acked"] < reached["request_acked"] and reached["request_read"] < reached["outcome_read"]
     assert scenarios["inflight"]["rate_50"]["peak_in_flight"] > 0  # 2 s calls overlap
     assert scenarios["e2e"]["warmup"]["requests"] == 50  # 50/s for 1 s before the measured load
     first = scenarios["e2e"]["warmup"]["first_second"]  # all of that second's jobs, each with its latency
