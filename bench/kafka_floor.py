@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from app.fetch_sessions import use_fetch_sessions
 from app.kafka_clients import client_options
@@ -92,14 +93,19 @@ async def measure(bootstrap: str, rate: float, seconds: float, partitions: int =
     settings = Settings(kafka_bootstrap_servers=bootstrap)
     name = f"floor-{uuid.uuid4().hex[:8]}"
     changelog, requests = f"{name}-changelog", f"{name}-requests"
+    # Replicated as Ferry's topics would be on these brokers (bench/stack.py does the same).
+    replicas = min(3, len(bootstrap.split(",")))
     admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"}),
-                                   NewTopic(requests, partitions, 1)])
-        return await _run(settings, changelog, requests, partitions, rate, seconds, broker_pid, warmup_seconds)
+        await admin.create_topics([
+            NewTopic(changelog, partitions, replicas, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(requests, partitions, replicas)])
+        try:
+            return await _run(settings, changelog, requests, partitions, rate, seconds, broker_pid, warmup_seconds)
+        finally:
+            await admin.delete_topics([changelog, requests])
     finally:
-        await admin.delete_topics([changelog, requests])
         await admin.close()
 
 
@@ -224,8 +230,11 @@ def main() -> None:
     use_uvloop()  # Ferry's processes run on uvloop
     # Ferry's filters: aiokafka's complaints about the new topics' partitions not led yet are transient.
     configure_logging(Settings(log_level="WARNING"))
-    figures = asyncio.run(measure(args.bootstrap, args.rate, args.seconds, args.partitions, args.broker_pid,
-                                         args.warmup_seconds))
+    try:
+        figures = asyncio.run(measure(args.bootstrap, args.rate, args.seconds, args.partitions, args.broker_pid,
+                                      args.warmup_seconds))
+    except KafkaError as exc:
+        raise SystemExit(f"python -m bench.kafka_floor: Kafka at {args.bootstrap} failed: {exc}") from None
     text = json.dumps(figures, indent=1)
     if args.out:
         with open(args.out, "w") as out:

@@ -158,3 +158,12 @@ def test_compare_needs_its_url() -> None:
     run = subprocess.run([sys.executable, "-m", "bench.run", "--scenarios", "compare"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--compare-url and the compare scenario go together" in run.stderr
+
+
+def test_the_floor_says_when_kafka_cannot_be_reached() -> None:
+    port = free_port()  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "bench.kafka_floor", "--bootstrap", f"127.0.0.1:{port}",
+                           "--rate", "10", "--seconds", "1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert f"Kafka at 127.0.0.1:{port} failed" in done.stderr and "Traceback" not in done.stderr
