@@ -45,6 +45,9 @@ PROBE_TIMEOUT_SECONDS = 1.0
 # Waits between connection attempts, in seconds.
 RETRY_FIRST_SECONDS = 0.2
 RETRY_CAP_SECONDS = 5.0
+# How long the broker may hold the view's fetch when nothing is new: an outcome written meanwhile
+# ends the hold at once, so this bounds only idle rounds (and what an offset lookup queued behind one waits).
+FETCH_MAX_WAIT_MS = 50
 # How many parsed states are kept for the polls that follow: a client polls a waiting job every
 # few milliseconds, and each poll would otherwise parse the same bytes again (docs/benchmarks.md).
 RECENT_STATES = 4096
@@ -107,7 +110,7 @@ class JobReadModel:
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                fetch_max_wait_ms=50,
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                 max_partition_fetch_bytes=4 * 1024 * 1024,
             )
             try:

@@ -34,20 +34,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+from api.read_model import FETCH_MAX_WAIT_MS as READER_FETCH_MAX_WAIT_MS
 from app.fetch_sessions import use_fetch_sessions
 from app.kafka_clients import client_options
 from app.logs import configure_logging
 from app.runtime import use_uvloop
 from app.settings import Settings
 from app.topics import partition_for
+from workers.faust_layer.consumer import FETCH_MAX_WAIT_MS as WORKER_FETCH_MAX_WAIT_MS
 
 # Record sizes of a small chat job as Ferry writes them: its pending state, its request, its outcome.
 PENDING = b"p" * 160
 REQUEST = b"r" * 1100
 OUTCOME = b"o" * 1500
-# The fetch holds of Ferry's consumers: the worker's (workers/faust_layer/consumer.py) and the read model's.
-WORKER_FETCH_MAX_WAIT_MS = 100
-READER_FETCH_MAX_WAIT_MS = 50
 JOB_TIMEOUT_SECONDS = 30.0
 STAGES = ("pending_acked", "request_acked", "request_read", "outcome_acked", "outcome_read")
 
