@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import statistics
 import time
@@ -41,6 +40,7 @@ from app.logs import configure_logging
 from app.runtime import use_uvloop
 from app.settings import Settings
 from app.topics import partition_for
+from bench.stack import Sampler, percentile
 from workers.faust_layer.consumer import FETCH_MAX_WAIT_MS as WORKER_FETCH_MAX_WAIT_MS
 
 # Record sizes of a small chat job as Ferry writes them: its pending state, its request, its outcome.
@@ -72,13 +72,6 @@ def producer(settings: Settings) -> AIOKafkaProducer:
 def consumer(settings: Settings, fetch_max_wait_ms: int) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
                             fetch_max_wait_ms=fetch_max_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024)
-
-
-def ticks_of(pid: int) -> float:
-    """A process's CPU seconds so far (user and system), from /proc."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu() -> float:
@@ -180,10 +173,10 @@ async def _run(settings: Settings, changelog: str, requests: str, partitions: in
         await offer(rate, warmup_seconds)  # connections made, the broker's code for these requests compiled
         trips.clear()
         cpu_before = own_cpu()
-        broker_before = ticks_of(broker_pid) if broker_pid else None
+        broker_before = Sampler.read(broker_pid)[1] if broker_pid else None
         completed, wall = await offer(rate, seconds)
         cpu = own_cpu() - cpu_before
-        broker_cpu = ticks_of(broker_pid) - broker_before if broker_pid and broker_before is not None else None
+        broker_cpu = Sampler.read(broker_pid)[1] - broker_before if broker_pid and broker_before is not None else None
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
@@ -196,7 +189,7 @@ async def _run(settings: Settings, changelog: str, requests: str, partitions: in
 def summarize(trips: dict[bytes, Trip], rate: float, completed: int, wall: float, cpu: float,
               broker_cpu: float | None) -> dict:
     finished = [trip.stages for trip in trips.values() if "outcome_read" in trip.stages]
-    totals = sorted(stages["outcome_read"] * 1000 for stages in finished)
+    totals = [stages["outcome_read"] * 1000 for stages in finished]
 
     def median_from_start(stage: str) -> float | None:
         reached = [stages[stage] * 1000 for stages in finished if stage in stages]
@@ -204,8 +197,7 @@ def summarize(trips: dict[bytes, Trip], rate: float, completed: int, wall: float
 
     return {
         "offered_per_second": rate, "jobs": len(trips), "completed": completed,
-        "p50_ms": round(totals[len(totals) // 2], 2) if totals else None,
-        "p99_ms": round(totals[min(len(totals) - 1, int(0.99 * len(totals)))], 2) if totals else None,
+        "p50_ms": percentile(totals, 0.50), "p99_ms": percentile(totals, 0.99),
         # Each stage's median time from the job's start (a record may be read before its write's
         # acknowledgement reaches the writer: the stages are not a sum).
         "median_ms_from_start": {stage: median_from_start(stage) for stage in STAGES},
